@@ -1,0 +1,284 @@
+"""LoRA linear layers, the value head and the trainable-parameter filter.
+
+The policy of the paper (SPEC.md section 6) is a frozen Gemma-2 base with
+LoRA adapters on every linear layer (Hu et al., 2021) and a scalar value head
+(TRL ``AutoModelForCausalLMWithValueHead``). Only the adapters and the value
+head are trained, so they are stored as their own ``nnx.Variable`` types and
+selected by the filter ``TRAINABLE``::
+
+    graphdef, trainable, frozen = nnx.split(policy, TRAINABLE, ...)
+
+A LoRA linear computes (PEFT semantics, ``peft.tuners.lora.layer.Linear``)::
+
+    y = x W + (dropout(x) A B) * alpha / r
+
+with ``W`` [I, O] the frozen base kernel, ``A`` [I, r] and ``B`` [r, O] the
+float32 factors. ``B`` starts at zero, so a fresh adapter leaves the base
+model's outputs unchanged; ``A`` starts like PEFT's default
+(``kaiming_uniform_(a=sqrt(5))``, i.e. uniform in +-1/sqrt(I)).
+
+Module constructors only declare variables (zero placeholders, cheap under
+``nnx.eval_shape``); values come from ``init_trainable`` (adapters, value
+head) and from a checkpoint or ``gemma2.random_base_state`` (frozen base).
+
+Layers are stored stacked over the L (layer) axis by the model that owns them
+(see ``gemma2.py``), so every parameter here may carry leading axes; the layer
+code itself only ever sees one layer's slice.
+
+Randomness is explicit data: dropout takes a ``jax.Array`` key (``None``
+means no dropout), so the same code runs under ``jax.vmap`` over learners.
+
+Axis legend: I input features, O output features, R LoRA rank, D model dim,
+L layers.
+"""
+
+import dataclasses
+import math
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Every linear layer of a Gemma-2 decoder layer, in PEFT's short names. The
+# position in this tuple is also the id folded into a layer's dropout key.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+# Flax's own LoRA parameter type: tools that know nnx.LoRAParam (and PEFT
+# exporters written against it) see the factors for what they are.
+LoRAParam = nnx.LoRAParam
+
+
+class ValueHeadParam(nnx.Param):
+    """Parameters of the value head: trained together with the LoRA factors."""
+
+
+# The filter that selects everything the optimiser updates.
+TRAINABLE = nnx.Any(LoRAParam, ValueHeadParam)
+
+# Names of the trainable leaves; ``init_trainable`` dispatches on them.
+LORA_A_NAME = "lora_a"
+LORA_B_NAME = "lora_b"
+VALUE_KERNEL_NAME = "kernel"
+VALUE_BIAS_NAME = "bias"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which linear layers get adapters, and how large they are.
+
+    Attributes:
+        rank: r, the inner dimension of the factors (paper: 64).
+        alpha: the LoRA alpha; the adapter output is scaled by alpha / rank
+            (paper: 32, so scale 0.5).
+        dropout: dropout rate on the adapter input, in [0, 1) (paper: 0.05).
+        targets: short names of the adapted layers, a non-empty subset of
+            ``LORA_TARGETS`` (paper: all seven).
+    """
+
+    rank: int = 64
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if not _is_number(self.rank) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}.")
+        if not _is_number(self.alpha) or not self.alpha > 0:
+            raise ValueError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}.")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be a number in [0, 1), got {self.dropout!r}.")
+        if not isinstance(self.targets, tuple) or not self.targets:
+            raise ValueError(
+                    f"LoraConfig.targets must be a non-empty tuple of names from {LORA_TARGETS}, got {self.targets!r}."
+            )
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"LoraConfig.targets has unknown names {unknown}; allowed: {LORA_TARGETS}.")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"LoraConfig.targets has duplicates: {self.targets!r}.")
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, the factor on the adapter output (PEFT, no rsLoRA)."""
+        return self.alpha / self.rank
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout: zero each entry with probability ``rate``, scale by 1/(1-rate).
+
+    Args:
+        x: any array.
+        rate: static drop probability in [0, 1).
+        key: PRNG key, or None for the identity (evaluation).
+
+    Returns:
+        Array like ``x``.
+    """
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class LoRALinear(nnx.Module):
+    """A bias-free linear layer with an optional LoRA adapter.
+
+    Attributes:
+        kernel: frozen base weight, ``nnx.Param`` [..., I, O] in the param dtype.
+        lora_a: ``LoRAParam`` [..., I, R] float32, present when adapted.
+        lora_b: ``LoRAParam`` [..., R, O] float32, zeros at init.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        target: str,
+        lora: LoraConfig | None,
+        param_dtype: jnp.dtype,
+        stack: tuple[int, ...] = (),
+    ):
+        """Declares the layer's variables (zero placeholders, see the module doc).
+
+        Args:
+            in_features: I.
+            out_features: O.
+            target: this layer's short name in ``LORA_TARGETS``.
+            lora: adapter settings; the layer is adapted when ``target`` is in
+                ``lora.targets``. None builds a plain linear layer.
+            param_dtype: dtype of the frozen kernel (bfloat16 or float32).
+            stack: leading axes (e.g. (L,)) when the owner stores layers stacked.
+
+        Raises:
+            ValueError: if ``target`` is not one of ``LORA_TARGETS``.
+        """
+        if target not in LORA_TARGETS:
+            raise ValueError(f"LoRALinear target must be one of {LORA_TARGETS}, got {target!r}.")
+        self.target_id = LORA_TARGETS.index(target)
+        self.kernel = nnx.Param(jnp.zeros((*stack, in_features, out_features), param_dtype))
+        self.adapted = lora is not None and target in lora.targets
+        if self.adapted:
+            self.scale = lora.scale
+            self.dropout_rate = float(lora.dropout)
+            self.lora_a = LoRAParam(jnp.zeros((*stack, in_features, lora.rank), jnp.float32))
+            self.lora_b = LoRAParam(jnp.zeros((*stack, lora.rank, out_features), jnp.float32))
+
+    def __call__(self, x: jax.Array, *, lora_enabled: bool, dropout_key: jax.Array | None) -> jax.Array:
+        """Applies the layer.
+
+        Args:
+            x: [..., I] in the compute dtype (the kernel's dtype).
+            lora_enabled: static; False gives the base layer (the reference model).
+            dropout_key: the calling decoder layer's key (this layer folds in its
+                own target id), or None for no dropout.
+
+        Returns:
+            [..., O] in the dtype of ``x``.
+        """
+        kernel = self.kernel[...]
+        y = jnp.einsum("...i,io->...o", x, kernel)
+        if not (self.adapted and lora_enabled):
+            return y
+        # The adapter runs in float32 whatever the base dtype (PEFT casts the
+        # input to the factors' dtype); the sum is cast back like PEFT's result.
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, self.target_id)
+        x_lora = dropout(x.astype(jnp.float32), self.dropout_rate, key)
+        delta = (x_lora @ self.lora_a[...]) @ self.lora_b[...]
+        return (y.astype(jnp.float32) + self.scale * delta).astype(y.dtype)
+
+
+class ValueHead(nnx.Module):
+    """TRL's ValueHead: dropout, then Linear(D -> 1) with bias, in float32.
+
+    Attributes:
+        kernel: ``ValueHeadParam`` [D, 1] float32.
+        bias: ``ValueHeadParam`` [1] float32.
+        dropout_rate: TRL's ``summary_dropout_prob`` (default 0.1).
+    """
+
+    def __init__(self, hidden_size: int, *, dropout_rate: float):
+        """Declares the head (zero placeholders; ``init_trainable`` sets values).
+
+        Args:
+            hidden_size: D.
+            dropout_rate: dropout on the head's input, in [0, 1).
+
+        Raises:
+            ValueError: if ``dropout_rate`` is outside [0, 1).
+        """
+        if not _is_number(dropout_rate) or not 0.0 <= dropout_rate < 1.0:
+            raise ValueError(f"value head dropout_rate must be a number in [0, 1), got {dropout_rate!r}.")
+        self.dropout_rate = float(dropout_rate)
+        self.kernel = ValueHeadParam(jnp.zeros((hidden_size, 1), jnp.float32))
+        self.bias = ValueHeadParam(jnp.zeros((1,), jnp.float32))
+
+    def __call__(self, hidden: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Values of hidden states.
+
+        Args:
+            hidden: [..., D] final-normed hidden states.
+            dropout_key: PRNG key for the input dropout, or None for none.
+
+        Returns:
+            [...] float32 values.
+        """
+        x = dropout(hidden.astype(jnp.float32), self.dropout_rate, dropout_key)
+        return (x @ self.kernel[...] + self.bias[...])[..., 0]
+
+
+def init_trainable(template: nnx.Module | nnx.State, key: jax.Array) -> nnx.State:
+    """Fresh LoRA factors and value head for a new seed, as a trainable state.
+
+    A pure function of ``key`` (only shapes are read from ``template``), so
+    ``jax.vmap(lambda k: init_trainable(policy, k))(keys)`` gives a learner
+    axis of independent initialisations over one shared frozen base.
+
+    Initial values (PEFT and TRL defaults):
+        lora_a [..., I, R]: U(+-1/sqrt(I))  (kaiming_uniform, a=sqrt(5));
+        lora_b: zeros, so the adapted model starts equal to the base;
+        value head kernel [D, 1] and bias [1]: U(+-1/sqrt(D))  (torch Linear).
+    All random leaves are slices of ONE U(-1, 1) draw, taken in the state's
+    sorted flat order and scaled by their bound: one random kernel instead of
+    one per leaf (each costs about a second of XLA compile time on CPU).
+
+    Args:
+        template: a module containing ``TRAINABLE`` variables (e.g. a Policy), or
+            its trainable state (arrays or ``jax.ShapeDtypeStruct`` leaves).
+        key: PRNG key.
+
+    Returns:
+        An ``nnx.State`` with the structure of ``nnx.state(template, TRAINABLE)``.
+
+    Raises:
+        ValueError: if a trainable leaf has a name this function cannot
+            initialise.
+    """
+    state = nnx.state(template, TRAINABLE) if isinstance(template, nnx.Module) else template
+    flat = list(nnx.to_flat_state(state))
+    value_fan_in = {path[:-1]: variable.shape[0] for path, variable in flat if path[-1] == VALUE_KERNEL_NAME}
+    bounds = []
+    for path, variable in flat:
+        name = path[-1]
+        if name == LORA_A_NAME:
+            bounds.append(1.0 / math.sqrt(variable.shape[-2]))
+        elif name == LORA_B_NAME:
+            bounds.append(None)
+        elif name in (VALUE_KERNEL_NAME, VALUE_BIAS_NAME) and path[:-1] in value_fan_in:
+            bounds.append(1.0 / math.sqrt(value_fan_in[path[:-1]]))
+        else:
+            raise ValueError(f"init_trainable: no initialiser for trainable leaf {'.'.join(map(str, path))}.")
+    sizes = [math.prod(v.shape) if b is not None else 0 for (_, v), b in zip(flat, bounds)]
+    uniform = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
+    new_leaves, offset = [], 0
+    for (path, variable), bound, size in zip(flat, bounds, sizes):
+        if bound is None:
+            value = jnp.zeros(variable.shape, jnp.float32)
+        else:
+            value = bound * uniform[offset : offset + size].reshape(variable.shape)
+        offset += size
+        new_leaves.append((path, variable.copy(value)))
+    return nnx.from_flat_state(new_leaves)
