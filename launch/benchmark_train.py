@@ -1,0 +1,117 @@
+r"""Training speed: seconds per seed-episode, with a breakdown.
+
+    python launch/benchmark_train.py                       # built-in tiny model
+    python launch/benchmark_train.py --seeds=5 --episodes=20
+    python launch/benchmark_train.py --model=/path/to/gemma-2-2b-it
+
+Builds the run of configs/ipd_util.py (tiny-model hyperparameters unless
+--model is given), compiles the training chunk, then times:
+  chunk      the whole jitted chunk of --episodes episodes (what `train` runs),
+  rollout    one episode's decisions alone (prefill + decode + parse + rewards),
+  reference  the reference log-probs of one episode (cached prompt prefixes),
+  update     one PPO step of every learner on one episode's decisions.
+Each part is its own jitted function timed after a warm-up call; the parts
+add up to about the chunk's time per episode. Compilation is excluded and
+reported separately. Prints figures only; nothing is asserted.
+"""
+
+import functools
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from moraljax import config_lib
+from moraljax import train
+from moraljax.rl import rollout
+
+_MODEL = flags.DEFINE_string("model", "tiny", "'tiny' or a local Gemma2 directory.")
+_SEEDS = flags.DEFINE_integer("seeds", 5, "Learners (seeds) in the chunk.")
+_EPISODES = flags.DEFINE_integer("episodes", 20, "Episodes per timed chunk.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is reported).")
+
+
+def _best_time(fn, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv):
+    del argv
+    cd = config_lib.experiment_config(f"model={_MODEL.value}", reward="util")
+    cd.run.seeds = tuple(range(1, _SEEDS.value + 1))
+    cfg = config_lib.experiment_from_config_dict(cd)
+    run = train.build_run(cfg)
+    seeds, episodes = _SEEDS.value, _EPISODES.value
+    policy_params = sum(x.size for x in jax.tree.leaves(run.frozen))
+    print(f"model: {cfg.model.path or 'built-in tiny'}, {policy_params:,} frozen parameters, "
+          f"prompt {run.env.prompts.ids.shape[1]} tokens, gen_len {run.sampling.gen_len}")
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; "
+          f"{seeds} seeds, batch {cfg.run.batch_size}, {episodes} episodes per chunk")
+
+    start = time.perf_counter()
+    jax.block_until_ready(run.advance(episodes))
+    compile_s = time.perf_counter() - start
+
+    def chunk():
+        return run.advance(episodes)
+
+    chunk_s = _best_time(chunk, _REPEATS.value)
+
+    settings = run.chunk_fn(episodes)  # Reuse the chunk's static settings.
+    del settings
+    chunk_settings = train.ChunkSettings(
+        batch_size=cfg.run.batch_size,
+        num_episodes=1,
+        sampling=run.sampling,
+        ppo=cfg.ppo,
+        stochastic=cfg.lora.dropout > 0 or cfg.model.value_head_dropout > 0,
+    )
+    learners = run.learners
+    keys = jax.vmap(jax.random.fold_in)(learners.key, learners.episode)
+
+    rollout_fn = jax.jit(functools.partial(
+        rollout.rollout_episode, run.graphdef, batch_size=cfg.run.batch_size, settings=run.sampling))
+    decisions = rollout_fn(run.frozen, learners.trainable, run.env, run.setup, learners.episode, keys)
+    rollout_s = _best_time(
+        lambda: rollout_fn(run.frozen, learners.trainable, run.env, run.setup, learners.episode, keys),
+        _REPEATS.value)
+
+    trainable_one = jax.tree.map(lambda x: x[0], learners.trainable)
+    gen_len = run.sampling.gen_len
+
+    @jax.jit
+    def reference(frozen, trainable_one, env, decisions):
+        prefix = rollout.reference_prefix(run.graphdef, frozen, trainable_one, env.prompts, gen_len)
+        return rollout.reference_logprobs(
+            run.graphdef, frozen, trainable_one, prefix, decisions.prompt_index.reshape(-1),
+            decisions.tokens.reshape(-1, gen_len))
+
+    ref = reference(run.frozen, trainable_one, run.env, decisions)
+    reference_s = _best_time(lambda: reference(run.frozen, trainable_one, run.env, decisions), _REPEATS.value)
+
+    @jax.jit
+    def update(frozen, env, learners, decisions, ref):
+        step = functools.partial(train._update_one, run.graphdef, frozen, env.prompts, chunk_settings)
+        return jax.vmap(step)(learners, decisions, ref.reshape(decisions.logprobs.shape), keys)
+
+    jax.block_until_ready(update(run.frozen, run.env, learners, decisions, ref))
+    update_s = _best_time(lambda: update(run.frozen, run.env, learners, decisions, ref), _REPEATS.value)
+
+    per = lambda seconds, n_episodes: 1000 * seconds / (n_episodes * seeds)
+    print(f"compile (first chunk, incl. its run): {compile_s:.1f} s")
+    print(f"chunk:     {per(chunk_s, episodes):8.2f} ms per seed-episode "
+          f"({episodes * seeds * cfg.run.batch_size / chunk_s:,.0f} decisions/s)")
+    print(f"rollout:   {per(rollout_s, 1):8.2f} ms per seed-episode")
+    print(f"reference: {per(reference_s, 1):8.2f} ms per seed-episode (includes the per-chunk prefill)")
+    print(f"update:    {per(update_s, 1):8.2f} ms per seed-episode")
+
+
+if __name__ == "__main__":
+    app.run(main)

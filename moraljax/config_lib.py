@@ -1,0 +1,437 @@
+"""Experiment settings: ConfigDict at the boundary, frozen dataclasses inside.
+
+A config file (configs/*.py) returns an `ml_collections.ConfigDict`; the
+launcher turns it into an `ExperimentConfig` once, with every field validated
+in `__post_init__` so that bad input fails with a message naming the field,
+the value and what is allowed, before any model is loaded or compiled.
+Library functions take these dataclasses (or plain arguments), never the
+ConfigDict itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from moraljax import games
+from moraljax import opponents
+from moraljax import rewards
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{field}={value!r} is not allowed; expected {allowed}.")
+
+
+def check_finite(field: str, value: float) -> None:
+    """Refuses NaN/inf and non-numbers for `field`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(field, value, "a finite number")
+    if not math.isfinite(value):
+        _fail(field, value, "a finite number")
+
+
+def check_positive_int(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        _fail(field, value, "a positive integer")
+
+
+def check_choice(field: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        _fail(field, value, "one of " + ", ".join(repr(a) for a in allowed))
+
+
+# Table-order variants of the structured prompt (SPEC section 8). Kept here
+# rather than imported from prompts.py so that validating a config never
+# needs a tokenizer stack.
+TABLE_ORDERS = ("original", "columns_swapped", "rows_swapped", "both_swapped")
+
+
+@dataclasses.dataclass(frozen=True)
+class GameSettings:
+    """Which matrix game is played (a name from games.GAME_NAMES)."""
+
+    name: str = "IPD"
+
+    def __post_init__(self):
+        check_choice("game", self.name, games.GAME_NAMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpponentSettings:
+    """Who the agent plays: a fixed strategy or another learning LLM."""
+
+    name: str = "tft"
+
+    def __post_init__(self):
+        check_choice("opponent", self.name, opponents.OPPONENT_NAMES)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSettings:
+    """The intrinsic reward and its optional unlearning switch (SPEC 2, 5).
+
+    Attributes:
+        name: reward for episodes [0, switch_episode).
+        switch_to: reward from `switch_episode` on ('' = no switch).
+        switch_episode: episode at which `switch_to` takes over.
+        xi: deontological penalty in training (paper: 3).
+        illegal_penalty: reward for an illegal answer (paper: -6).
+        paper_opponent_illegal: the authors' rewards when an LLM opponent answers
+            illegally (SPEC 5); False uses the opponent's last legal move always.
+    """
+
+    name: str = "util"
+    switch_to: str = ""
+    switch_episode: int = 0
+    xi: float = 3.0
+    illegal_penalty: float = -6.0
+    paper_opponent_illegal: bool = True
+
+    def __post_init__(self):
+        check_choice("reward.name", self.name, rewards.REWARD_NAMES)
+        if self.switch_to:
+            check_choice("reward.switch_to", self.switch_to, rewards.REWARD_NAMES)
+            check_positive_int("reward.switch_episode", self.switch_episode)
+        check_finite("reward.xi", self.xi)
+        check_finite("reward.illegal_penalty", self.illegal_penalty)
+
+    def specs(self) -> tuple[rewards.RewardSpec, rewards.RewardSpec]:
+        """The reward before and after the switch (the same when no switch)."""
+        make = lambda name: rewards.reward_spec(
+                name,
+                xi=self.xi,
+                illegal_penalty=self.illegal_penalty,
+                paper_opponent_illegal=self.paper_opponent_illegal,
+        )
+        first = make(self.name)
+        return first, make(self.switch_to) if self.switch_to else first
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """One experimental condition: a reward (schedule) against an opponent."""
+
+    reward: RewardSettings
+    opponent: str
+
+    def __post_init__(self):
+        check_choice("opponent", self.opponent, opponents.OPPONENT_NAMES)
+
+    @property
+    def name(self) -> str:
+        """A readable label, e.g. 'util_vs_tft' or 'game->deont_vs_tft'."""
+        reward = self.reward
+        label = f"{reward.name}->{reward.switch_to}" if reward.switch_to else reward.name
+        return f"{label}_vs_{self.opponent}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSettings:
+    """The structured prompt's action strings and table order (SPEC 4, 8)."""
+
+    actions: tuple[str, str] = ("action1", "action2")
+    table_order: str = "original"
+
+    def __post_init__(self):
+        actions = tuple(self.actions)
+        if len(actions) != 2 or not all(isinstance(a, str) for a in actions):
+            _fail("prompt.actions", self.actions, "two strings, C's first")
+        if any(not a.strip() for a in actions):
+            _fail("prompt.actions", self.actions, "two non-empty strings")
+        if actions[0] == actions[1]:
+            _fail("prompt.actions", self.actions, "two different strings")
+        object.__setattr__(self, "actions", actions)
+        check_choice("prompt.table_order", self.table_order, TABLE_ORDERS)
+
+
+def settings_from_dict(cls, values: Any, prefix: str):
+    """Builds dataclass `cls` from a mapping, refusing unknown keys."""
+    values = dict(values)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(
+                f"unknown field(s) {', '.join(prefix + k for k in unknown)}; allowed:"
+                f" {', '.join(prefix + n for n in sorted(names))}."
+        )
+    for key, value in values.items():
+        if isinstance(value, list):
+            values[key] = tuple(value)
+    return cls(**values)
+
+
+def to_plain(config: ml_collections.ConfigDict | dict) -> dict:
+    """ConfigDict (nested) -> plain dict of Python values."""
+    if isinstance(config, ml_collections.ConfigDict):
+        config = config.to_dict()
+    return {
+            k: to_plain(v) if isinstance(v, (dict, ml_collections.ConfigDict)) else v
+            for k, v in config.items()
+    }
+
+
+PARAM_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """The base LLM and how it samples (SPEC 4, 6).
+
+    Attributes:
+        path: a local Hugging Face Gemma2 directory; '' = the built-in tiny
+            model (moraljax/llm/tiny), which needs no download.
+        param_dtype: dtype of the frozen base weights.
+        temperature, top_k, top_p: sampling (paper: 1, 0 = off, 1 = off).
+        gen_len: tokens generated per decision; 0 = the token length of the
+            action strings (paper: exactly that, 2 for Gemma-2).
+        value_head_dropout: dropout on the value head input in the PPO
+            forward (TRL's ValueHead default 0.1).
+    """
+
+    path: str = ""
+    param_dtype: str = "float32"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    gen_len: int = 0
+    value_head_dropout: float = 0.1
+
+    def __post_init__(self):
+        check_choice("model.param_dtype", self.param_dtype, PARAM_DTYPES)
+        check_finite("model.temperature", self.temperature)
+        if self.temperature <= 0:
+            _fail("model.temperature", self.temperature, "a number > 0")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            _fail("model.top_k", self.top_k, "an integer >= 0 (0 = off)")
+        check_finite("model.top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            _fail("model.top_p", self.top_p, "a number in (0, 1] (1 = off)")
+        if isinstance(self.gen_len, bool) or not isinstance(self.gen_len, int) or self.gen_len < 0:
+            _fail("model.gen_len", self.gen_len, "an integer >= 0 (0 = action length)")
+        check_finite("model.value_head_dropout", self.value_head_dropout)
+        if not 0 <= self.value_head_dropout < 1:
+            _fail("model.value_head_dropout", self.value_head_dropout, "a number in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """How long, how many seeds, and how the host loop is chunked.
+
+    Attributes:
+        batch_size: decisions per episode = samples per PPO update (paper: 5
+            against fixed opponents, 3 LLM vs LLM).
+        num_episodes: episodes per run (paper: 1000).
+        seeds: one learner (run) per seed (paper: 1, 2, 3, 5, 6).
+        episodes_per_chunk: episodes per compiled call; metrics are written
+            after each chunk.
+        checkpoint_every: save a checkpoint at the first chunk end at or
+            past each multiple of this many episodes (and at the end).
+    """
+
+    batch_size: int = 5
+    num_episodes: int = 1000
+    seeds: tuple[int, ...] = (1, 2, 3, 5, 6)
+    episodes_per_chunk: int = 50
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        check_positive_int("run.batch_size", self.batch_size)
+        check_positive_int("run.num_episodes", self.num_episodes)
+        check_positive_int("run.episodes_per_chunk", self.episodes_per_chunk)
+        check_positive_int("run.checkpoint_every", self.checkpoint_every)
+        seeds = tuple(self.seeds) if isinstance(self.seeds, (list, tuple)) else self.seeds
+        if not isinstance(seeds, tuple) or not seeds:
+            _fail("run.seeds", self.seeds, "a non-empty list of integers")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+            _fail("run.seeds", self.seeds, "integers >= 0")
+        if len(set(seeds)) != len(seeds):
+            _fail("run.seeds", self.seeds, "distinct integers")
+        object.__setattr__(self, "seeds", seeds)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+    """Device mesh: `data` shards learners, `model` shards base weights.
+
+    -1 for `data` means every device not used by `model`, or the largest
+    part of them that splits the learners evenly.
+    """
+
+    data: int = -1
+    model: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.data, bool) or not isinstance(self.data, int) or (
+            self.data < 1 and self.data != -1
+        ):
+            _fail("mesh.data", self.data, "a positive integer or -1 (all devices)")
+        check_positive_int("mesh.model", self.model)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one training run needs, validated."""
+
+    game: GameSettings
+    opponent: OpponentSettings
+    reward: RewardSettings
+    prompt: PromptSettings
+    model: ModelSettings
+    lora: Any  # moraljax.llm.lora.LoraConfig
+    ppo: Any  # moraljax.rl.ppo.PPOConfig
+    run: RunSettings
+    mesh: MeshSettings
+
+    def __post_init__(self):
+        if self.opponent.name == "llm":
+            raise NotImplementedError(
+                "opponent='llm' (LLM vs LLM) is not available yet; allowed"
+                f" opponents today: {', '.join(opponents.FIXED_OPPONENT_NAMES)}."
+            )
+        self.ppo.mini_batch_size(self.run.batch_size)  # raises if it does not divide
+
+
+def experiment_from_config_dict(config: ml_collections.ConfigDict | dict) -> ExperimentConfig:
+    """Validates a ConfigDict and turns it into an `ExperimentConfig`.
+
+    Raises:
+        ValueError: naming the first field that is missing, unknown or wrong.
+    """
+    from moraljax.llm import lora as lora_lib  # Heavy imports kept local.
+    from moraljax.rl import ppo
+
+    values = to_plain(config)
+    sections = {
+        "game": GameSettings,
+        "opponent": OpponentSettings,
+        "reward": RewardSettings,
+        "prompt": PromptSettings,
+        "model": ModelSettings,
+        "lora": lora_lib.LoraConfig,
+        "ppo": ppo.PPOConfig,
+        "run": RunSettings,
+        "mesh": MeshSettings,
+    }
+    unknown = sorted(set(values) - set(sections))
+    if unknown:
+        raise ValueError(
+            f"unknown config section(s) {unknown}; allowed: {sorted(sections)}."
+        )
+    built = {}
+    for name, cls in sections.items():
+        section = values.get(name, {})
+        if isinstance(section, str):  # `config.game = "IPD"` shorthand.
+            section = {"name": section}
+        built[name] = settings_from_dict(cls, section, f"{name}.")
+    return ExperimentConfig(**built)
+
+
+def parse_variant(arg: str | None, defaults: dict[str, str], allowed: dict[str, Sequence[str] | None]) -> dict[str, str]:
+    """Parses a config argument like "opponent=ad,model=/path/to/gemma".
+
+    Args:
+        arg: the text after ':' in --config=file.py:ARG (None or '' = defaults).
+        defaults: value of every key when not given.
+        allowed: for each key, its allowed values, or None for free text.
+
+    Returns:
+        A dict with every key of `defaults`.
+
+    Raises:
+        ValueError: for an unknown key, a malformed item or a value not allowed.
+    """
+    result = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in allowed:
+            raise ValueError(
+                f"unknown config variant {item!r}; allowed: "
+                + ", ".join(f"{k}=" + ("|".join(v) if v else "...") for k, v in allowed.items())
+            )
+        if allowed[key] is not None and value not in allowed[key]:
+            _fail(f"config variant {key}", value, "one of " + ", ".join(allowed[key]))
+        result[key] = value
+    return result
+
+
+# ----------------------------------------------------------------------------
+# Shared config builders for configs/*.py.
+
+TINY_MODEL = "tiny"
+TRAINING_OPPONENTS = ("tft", "ac", "ad", "random")
+
+
+def tiny_model_overrides(config: ml_collections.ConfigDict) -> None:
+    """Hyperparameters for the built-in tiny model (see configs/ docstrings).
+
+    The paper's values suit a 2B model whose LoRA has millions of parameters
+    and whose KL-regularised optimum pi ~ pi_ref * exp(r / beta) is reachable
+    at beta 0.2 over hundreds of episodes. The tiny base is a 64-wide toy: a
+    larger learning rate moves its small adapter in the same number of
+    episodes, and a smaller KL coefficient lets normalised payoff gaps of about
+    one point reach near-deterministic policies (at beta 0.2 a one-point gap
+    caps the preferred action near exp(1/0.2)/(1+exp(1/0.2)) of its mass only
+    after the reference is forgotten). Dropout is off so each episode's four
+    paper-mode gradients are identical and computed once.
+    """
+    config.lora.rank = 8
+    config.lora.alpha = 16.0
+    config.lora.dropout = 0.0
+    config.model.value_head_dropout = 0.0
+    config.ppo.learning_rate = 2e-3
+    config.ppo.init_kl_coef = 0.02
+
+
+def experiment_config(
+    arg: str | None,
+    *,
+    reward: str,
+    switch_to: str = "",
+    switch_episode: int = 0,
+) -> ml_collections.ConfigDict:
+    """The paper's experiment (SPEC 6, 7) as a ConfigDict, with variants.
+
+    Args:
+        arg: "opponent=tft|ac|ad|random,model=tiny|/path/to/gemma-2-2b-it".
+        reward: training reward name (rewards.REWARD_NAMES).
+        switch_to: second reward for unlearning ('' = none).
+        switch_episode: episode of the switch.
+
+    Returns:
+        A ConfigDict whose fields mirror `ExperimentConfig`.
+    """
+    from moraljax.llm import lora as lora_lib
+    from moraljax.rl import ppo
+
+    variant = parse_variant(
+        arg,
+        defaults={"opponent": "tft", "model": TINY_MODEL},
+        allowed={"opponent": TRAINING_OPPONENTS, "model": None},
+    )
+    config = ml_collections.ConfigDict()
+    config.game = dataclasses.asdict(GameSettings())
+    config.opponent = {"name": variant["opponent"]}
+    config.reward = dataclasses.asdict(
+        RewardSettings(name=reward, switch_to=switch_to, switch_episode=switch_episode)
+    )
+    config.prompt = dataclasses.asdict(PromptSettings())
+    config.model = dataclasses.asdict(ModelSettings())
+    config.lora = dataclasses.asdict(lora_lib.LoraConfig())
+    config.ppo = ml_collections.ConfigDict(
+        {f.name: getattr(ppo.PPOConfig(), f.name) for f in dataclasses.fields(ppo.PPOConfig)},
+        type_safe=False,
+    )
+    config.run = dataclasses.asdict(RunSettings())
+    config.mesh = dataclasses.asdict(MeshSettings())
+    config = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+    if variant["model"] == TINY_MODEL:
+        tiny_model_overrides(config)
+    else:
+        config.model.path = variant["model"]
+        config.model.param_dtype = "bfloat16"
+    return config

@@ -1,0 +1,313 @@
+"""One episode for a batch of learners, fully on device (SPEC.md section 2).
+
+An episode is `batch_size` sequential one-shot decisions against the same
+opponent. Decision t of learner n:
+
+    state (prev_m, prev_o) -> random option orders -> prompt index
+    -> sample gen_len tokens from learner n's policy (LoRA on, no dropout):
+       behaviour log-probs and values come with the sample
+    -> parse the tokens into C, D or illegal (the exact host rule, in jit)
+    -> the opponent moves -> every reward type and both regrets
+    -> next state (M's move only if legal, O's always for fixed opponents)
+
+Learners are a leading axis N over one shared frozen base. The decision loop
+is a `lax.scan` over t with every learner advanced together inside, so a
+learner whose opponent is another learner can read its move in the same step.
+
+The reference model (the base with the adapter off) never changes during a
+run, so its prefill of the 16 distinct prompts is computed once per chunk
+(`reference_prefix`) and each decision's reference log-probs come from
+`gen_len - 1` cached decode steps instead of a full forward.
+
+Axis legend: N learners, B decisions per episode, P distinct prompts,
+T prompt tokens, L generated tokens, D model dim.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moraljax import games
+from moraljax import opponents
+from moraljax import prompts
+from moraljax import rewards
+from moraljax.llm import gemma2
+from moraljax.llm import sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """Static sampling settings (paper: gen_len 2, temperature 1, full softmax)."""
+
+    gen_len: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@flax.struct.dataclass
+class Environment:
+    """What every episode reads: shared by all learners, constant in a run.
+
+    Attributes:
+        game: the matrix game (payoffs as data).
+        prompts: the game's 16 structured prompts, [P, T], left-padded.
+        matcher: the in-jit action parser for the action strings.
+    """
+
+    game: games.MatrixGame
+    prompts: prompts.PromptTable
+    matcher: prompts.ActionMatcher
+
+
+@flax.struct.dataclass
+class LearnerSetup:
+    """Per-learner experiment condition (leading axis N), constant in a run.
+
+    Attributes:
+        opponent: int32 opponent id (opponents.OPPONENT_NAMES).
+        reward_first: reward used before `switch_episode`.
+        reward_second: reward from `switch_episode` on (unlearning, SPEC 2).
+        switch_episode: int32; a value >= the run length means no switch.
+    """
+
+    opponent: jax.Array
+    reward_first: rewards.RewardSpec
+    reward_second: rewards.RewardSpec
+    switch_episode: jax.Array
+
+
+@flax.struct.dataclass
+class Decisions:
+    """Per-decision records of one episode, leading axes [N, B].
+
+    Attributes:
+        prompt_index: int32, row of the prompt table the learner saw.
+        tokens: int32 [N, B, L] generated ids.
+        logprobs: float32 [N, B, L] behaviour log-probs (no dropout).
+        values: float32 [N, B, L] behaviour values (no dropout).
+        action: int32 parsed action, 0 = C, 1 = D, -1 = illegal.
+        opponent_action: int32 O's move (0/1).
+        opponent_legal: bool, False only when an LLM opponent was illegal.
+        prev_m, prev_o: int32, the state shown in the prompt.
+        reward: float32 training reward (the current reward type).
+        reward_game, reward_deont, reward_util, reward_game_deont: float32,
+            every named reward of the same decision, for the metrics.
+        regret_deont, regret_util: float32 moral regrets (SPEC 8).
+        action_type: int32 index into games.ACTION_TYPE_NAMES.
+    """
+
+    prompt_index: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    values: jax.Array
+    action: jax.Array
+    opponent_action: jax.Array
+    opponent_legal: jax.Array
+    prev_m: jax.Array
+    prev_o: jax.Array
+    reward: jax.Array
+    reward_game: jax.Array
+    reward_deont: jax.Array
+    reward_util: jax.Array
+    reward_game_deont: jax.Array
+    regret_deont: jax.Array
+    regret_util: jax.Array
+    action_type: jax.Array
+
+
+def current_reward(setup: LearnerSetup, episode: jax.Array) -> rewards.RewardSpec:
+    """The reward spec in force at `episode` (one learner, unbatched)."""
+    use_second = episode >= setup.switch_episode
+    return jax.tree.map(
+        lambda first, second: jnp.where(use_second, second, first),
+        setup.reward_first,
+        setup.reward_second,
+    )
+
+
+def _sample_one(
+    graphdef: nnx.GraphDef,
+    frozen: nnx.State,
+    trainable: nnx.State,
+    ids: jax.Array,
+    mask: jax.Array,
+    key: jax.Array,
+    settings: SamplingSettings,
+) -> sampling.GenerateOutput:
+    """One learner samples an answer to one prompt: [T] -> [L] arrays."""
+    policy = gemma2.merge_policy(graphdef, trainable, frozen)
+    out = sampling.generate(
+        policy,
+        ids[None],
+        mask[None],
+        key,
+        settings.gen_len,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+    )
+    return jax.tree.map(lambda x: x[0], out)
+
+
+def _decision_outcome(
+    env: Environment,
+    spec: rewards.RewardSpec,
+    state: games.GameState,
+    action: jax.Array,
+    a_o: jax.Array,
+    legal_o: jax.Array,
+) -> dict[str, jax.Array]:
+    """Rewards, regrets and action type of one decision (one learner)."""
+    legal = action >= 0
+    a_m = jnp.maximum(action, 0)  # Any move; unused when illegal.
+    named = rewards.all_rewards(env.game, a_m, a_o, state.prev_o, legal, legal_o)
+    return dict(
+        reward=rewards.moral_reward(spec, env.game, a_m, a_o, state.prev_o, legal, legal_o),
+        reward_game=named["game"],
+        reward_deont=named["deont"],
+        reward_util=named["util"],
+        reward_game_deont=named["game_deont"],
+        regret_deont=rewards.deontological_regret(a_m, state.prev_o, legal),
+        regret_util=rewards.utilitarian_regret(env.game, a_m, a_o, legal),
+        action_type=games.action_type(a_m, legal, state.prev_o),
+    )
+
+
+def rollout_episode(
+    graphdef: nnx.GraphDef,
+    frozen: nnx.State,
+    trainable: nnx.State,
+    env: Environment,
+    setup: LearnerSetup,
+    episode: jax.Array,
+    keys: jax.Array,
+    *,
+    batch_size: int,
+    settings: SamplingSettings,
+) -> Decisions:
+    """Plays one episode of `batch_size` decisions for every learner.
+
+    Args:
+        graphdef: the policy's graph definition.
+        frozen: the frozen base state (shared).
+        trainable: [N, ...] LoRA factors and value heads.
+        env: the shared environment.
+        setup: [N] learner conditions.
+        episode: int32 [N], the episode number of each learner.
+        keys: [N] PRNG keys of this episode.
+        batch_size: static B.
+        settings: static sampling settings.
+
+    Returns:
+        `Decisions` with leading axes [N, B].
+    """
+    num_learners = episode.shape[0]
+    key_init, key_steps = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    state = jax.vmap(opponents.initial_state)(setup.opponent, key_init)
+    spec = jax.vmap(current_reward)(setup, episode)
+    step_keys = jax.vmap(lambda k: jax.random.split(k, batch_size))(key_steps)
+    step_keys = jnp.moveaxis(step_keys, 1, 0)  # [B, N, ...]
+
+    def decide(state: games.GameState, keys_t: jax.Array):
+        split = jax.vmap(lambda k: jax.random.split(k, 4))(keys_t)
+        key_option, key_answer, key_sample, key_opponent = jnp.moveaxis(split, 1, 0)
+        # SPEC 4: both option orders drawn independently at every prompt.
+        first_option = jax.vmap(jax.random.bernoulli)(key_option).astype(jnp.int32)
+        first_answer = jax.vmap(jax.random.bernoulli)(key_answer).astype(jnp.int32)
+        index = prompts.prompt_index(state.prev_m, state.prev_o, first_option, first_answer)
+        sample = jax.vmap(_sample_one, in_axes=(None, None, 0, 0, 0, 0, None))(
+            graphdef,
+            frozen,
+            trainable,
+            env.prompts.ids[index],
+            env.prompts.mask[index],
+            key_sample,
+            settings,
+        )
+        action = prompts.match_actions(env.matcher, sample.tokens)
+        a_o = jax.vmap(opponents.fixed_opponent_move)(setup.opponent, state, key_opponent)
+        legal_o = jnp.ones((num_learners,), bool)
+        outcome = jax.vmap(_decision_outcome, in_axes=(None, 0, 0, 0, 0, 0))(
+            env, spec, state, action, a_o, legal_o
+        )
+        next_state = jax.vmap(games.step)(state, jnp.maximum(action, 0), a_o, action >= 0, legal_o)
+        record = Decisions(
+            prompt_index=index,
+            tokens=sample.tokens,
+            logprobs=sample.logprobs,
+            values=sample.values,
+            action=action,
+            opponent_action=a_o,
+            opponent_legal=legal_o,
+            prev_m=state.prev_m,
+            prev_o=state.prev_o,
+            **outcome,
+        )
+        return next_state, record
+
+    _, records = jax.lax.scan(decide, state, step_keys)
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), records)  # [B, N] -> [N, B]
+
+
+@flax.struct.dataclass
+class ReferencePrefix:
+    """The reference model's prefill of every distinct prompt.
+
+    Attributes:
+        cache: KV cache rows [P, ...] with room for gen_len - 1 more tokens.
+        last_hidden: float32 [P, D], hidden state of each prompt's last token.
+    """
+
+    cache: gemma2.KVCache
+    last_hidden: jax.Array
+
+
+def reference_prefix(
+    graphdef: nnx.GraphDef, frozen: nnx.State, trainable_one: nnx.State, table: prompts.PromptTable, gen_len: int
+) -> ReferencePrefix:
+    """Prefills the base model (adapter off) on all prompts of the table.
+
+    `trainable_one` is any one learner's trainable state: with the adapter
+    off it does not enter the computation, but the policy needs it to exist.
+    """
+    policy = gemma2.merge_policy(graphdef, trainable_one, frozen)
+    cache, last_hidden = sampling.prefill(policy, table.ids, table.mask, gen_len - 1, lora_enabled=False)
+    return ReferencePrefix(cache=cache, last_hidden=last_hidden)
+
+
+def reference_logprobs(
+    graphdef: nnx.GraphDef,
+    frozen: nnx.State,
+    trainable_one: nnx.State,
+    prefix: ReferencePrefix,
+    prompt_index: jax.Array,
+    tokens: jax.Array,
+) -> jax.Array:
+    """Reference log-probs of responses, from the cached prompt prefixes.
+
+    Args:
+        prompt_index: int32 [M] rows of the prompt table.
+        tokens: int32 [M, L] responses.
+
+    Returns:
+        float32 [M, L]: log pi_ref(token_l | prompt, tokens_<l).
+    """
+    policy = gemma2.merge_policy(graphdef, trainable_one, frozen)
+    cache = jax.tree.map(lambda x: x[prompt_index], prefix.cache)
+    hidden = prefix.last_hidden[prompt_index]
+    logprobs = []
+    for step in range(tokens.shape[1]):  # L is 2 in the paper: unrolled.
+        logprobs.append(sampling.token_log_probs(policy.logits(hidden), tokens[:, step]))
+        if step + 1 < tokens.shape[1]:
+            cache, hidden = sampling.decode_step(policy, cache, tokens[:, step], lora_enabled=False)
+    return jnp.stack(logprobs, axis=1)
+
+
+def flatten_learners(tree: Any) -> Any:
+    """[N, B, ...] -> [N * B, ...] on every leaf."""
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)

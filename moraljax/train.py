@@ -1,0 +1,491 @@
+"""Moral fine-tuning: the learner state, the jitted training chunk, the host loop.
+
+Everything from "sample an episode" to "apply an Adam step" is one pure
+function (`train_chunk`), compiled once, that scans over K episodes for every
+learner at once:
+
+    for each of K episodes (lax.scan):
+        decisions = rollout_episode(...)            # B sequential decisions
+        ref_logprobs from the cached reference prefix
+        for each learner (vmap): ppo_step           # normaliser, KL, GAE, Adam
+    -> LearnerState', per-decision records [K, N, B], update stats [K, N]
+
+Learners (seeds x conditions) are a leading axis N over ONE frozen base,
+sharded over the mesh's data axis. Python only loops over chunks, writes
+metrics and saves checkpoints (`train`).
+
+Randomness: learner n in episode e uses fold_in(key_n, e), so a resumed run
+draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from moraljax import config_lib
+from moraljax import games
+from moraljax import opponents
+from moraljax import prompts
+from moraljax import rewards
+from moraljax import sharding as sharding_lib
+from moraljax.llm import gemma2
+from moraljax.llm import lora as lora_lib
+from moraljax.llm import sampling
+from moraljax.rl import ppo
+from moraljax.rl import rollout
+
+# Metrics of `rollout.Decisions` that go to the host (the rest stay on device).
+DECISION_METRICS = (
+    "action_type",
+    "opponent_legal",
+    "reward",
+    "reward_game",
+    "reward_deont",
+    "reward_util",
+    "reward_game_deont",
+    "regret_deont",
+    "regret_util",
+)
+
+
+@flax.struct.dataclass
+class LearnerState:
+    """Everything that changes during a run, for one learner (or [N] learners).
+
+    Attributes:
+        trainable: LoRA factors and value head (float32), the only
+            differentiated and optimised parameters.
+        opt_state: Adam state of `trainable`.
+        moments: running score moments (persist across the reward switch).
+        kl: the KL controller (beta).
+        episode: int32, episodes completed.
+        key: the learner's base PRNG key (constant; episode keys fold it).
+    """
+
+    trainable: Any
+    opt_state: Any
+    moments: ppo.RunningMoments
+    kl: ppo.KLController
+    episode: jax.Array
+    key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSettings:
+    """Static settings of the compiled chunk (hashable)."""
+
+    batch_size: int
+    num_episodes: int
+    sampling: rollout.SamplingSettings
+    ppo: ppo.PPOConfig
+    stochastic: bool  # Whether the PPO forward has dropout.
+
+
+def init_learners(template: gemma2.Policy, seeds: tuple[int, ...], ppo_config: ppo.PPOConfig) -> LearnerState:
+    """Fresh learners, one per seed: [N] leading axis on every leaf.
+
+    Seed s gets PRNGKey(s) split into an initialisation key (LoRA A, value
+    head) and the run key of its episodes.
+    """
+    optimizer = ppo.make_optimizer(ppo_config)
+    _, trainable_template, _ = gemma2.split_policy(template)
+
+    def one(seed):
+        key_init, key_run = jax.random.split(jax.random.PRNGKey(seed))
+        trainable = lora_lib.init_trainable(trainable_template, key_init)
+        return LearnerState(
+            trainable=trainable,
+            opt_state=optimizer.init(trainable),
+            moments=ppo.init_running_moments(),
+            kl=ppo.init_kl_controller(ppo_config),
+            episode=jnp.zeros((), jnp.int32),
+            key=key_run,
+        )
+
+    return jax.jit(jax.vmap(one))(jnp.asarray(seeds, jnp.int32))
+
+
+def _update_one(
+    graphdef: nnx.GraphDef,
+    frozen: nnx.State,
+    table: prompts.PromptTable,
+    settings: ChunkSettings,
+    learner: LearnerState,
+    decisions: rollout.Decisions,
+    ref_logprobs: jax.Array,
+    key: jax.Array,
+) -> tuple[LearnerState, dict[str, jax.Array]]:
+    """One PPO step of one learner on its B decisions (SPEC 6)."""
+
+    def forward(trainable, minibatch, dropout_key):
+        policy = gemma2.merge_policy(graphdef, trainable, frozen)
+        index = minibatch["prompt_index"]
+        out = sampling.score_responses(
+            policy,
+            table.ids[index],
+            table.mask[index],
+            minibatch["tokens"],
+            dropout_key=dropout_key if settings.stochastic else None,
+        )
+        return out.logprobs, out.values, {"entropy": jnp.mean(out.entropy)}
+
+    result = ppo.ppo_step(
+        ppo.make_loss_fn(forward, settings.ppo),
+        learner.trainable,
+        learner.opt_state,
+        ppo.make_optimizer(settings.ppo),
+        learner.moments,
+        learner.kl,
+        {"prompt_index": decisions.prompt_index, "tokens": decisions.tokens},
+        scores=decisions.reward,
+        old_logprobs=decisions.logprobs,
+        ref_logprobs=ref_logprobs,
+        old_values=decisions.values,
+        key=key,
+        cfg=settings.ppo,
+        stochastic=settings.stochastic,
+    )
+    learner = learner.replace(
+        trainable=result.params,
+        opt_state=result.opt_state,
+        moments=result.moments,
+        kl=result.kl_controller,
+        episode=learner.episode + 1,
+    )
+    return learner, result.stats
+
+
+def train_chunk(
+    graphdef: nnx.GraphDef,
+    settings: ChunkSettings,
+    frozen: nnx.State,
+    env: rollout.Environment,
+    setup: rollout.LearnerSetup,
+    learners: LearnerState,
+) -> tuple[LearnerState, dict[str, jax.Array], dict[str, jax.Array]]:
+    """K episodes of rollout + PPO update for all learners (pure; jit it).
+
+    Returns:
+        (learners after K episodes, decision metrics {name: [K, N, B]},
+        update stats {name: [K, N]}).
+    """
+    gen_len = settings.sampling.gen_len
+    trainable_one = jax.tree.map(lambda x: x[0], learners.trainable)
+    prefix = rollout.reference_prefix(graphdef, frozen, trainable_one, env.prompts, gen_len)
+
+    def one_episode(learners: LearnerState, _):
+        keys = jax.vmap(jax.random.fold_in)(learners.key, learners.episode)
+        key_rollout, key_update = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+        decisions = rollout.rollout_episode(
+            graphdef,
+            frozen,
+            learners.trainable,
+            env,
+            setup,
+            learners.episode,
+            key_rollout,
+            batch_size=settings.batch_size,
+            settings=settings.sampling,
+        )
+        num_learners, batch = decisions.action.shape
+        ref = rollout.reference_logprobs(
+            graphdef,
+            frozen,
+            trainable_one,
+            prefix,
+            decisions.prompt_index.reshape(-1),
+            decisions.tokens.reshape(num_learners * batch, gen_len),
+        ).reshape(num_learners, batch, gen_len)
+        update = functools.partial(_update_one, graphdef, frozen, env.prompts, settings)
+        learners, stats = jax.vmap(update)(learners, decisions, ref, key_update)
+        metrics = {name: getattr(decisions, name) for name in DECISION_METRICS}
+        return learners, (metrics, stats)
+
+    learners, (metrics, stats) = jax.lax.scan(one_episode, learners, None, length=settings.num_episodes)
+    return learners, metrics, stats
+
+
+# ----------------------------------------------------------------------------
+# The host loop.
+
+
+def resolved_config(cfg: config_lib.ExperimentConfig) -> dict[str, Any]:
+    """The validated config as plain JSON-able data (written to config.json)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def check_workdir(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
+    """Refuses a workdir that holds a run with a different config.
+
+    Raises:
+        ValueError: naming the first differing fields, before anything is
+            loaded, compiled or written.
+    """
+    existing_path = workdir / "config.json"
+    if not existing_path.exists():
+        return
+    existing = json.loads(existing_path.read_text())
+    if existing == resolved:
+        return
+
+    def diff(a, b, prefix=""):
+        keys = sorted(set(a) | set(b)) if isinstance(a, dict) and isinstance(b, dict) else None
+        if keys is None:
+            return [] if a == b else [f"{prefix[:-1]}: {a!r} there, {b!r} now"]
+        return [d for k in keys for d in diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+
+    changes = diff(existing, resolved)
+    raise ValueError(
+        f"workdir {workdir} holds a run with a different config ({'; '.join(changes[:5])});"
+        " nothing was changed. Use another --workdir, or the same config to resume."
+    )
+
+
+def model_directory(path: str) -> pathlib.Path:
+    """The base model directory: `path`, or the built-in tiny model for ''."""
+    if not path:
+        from moraljax.llm import tiny
+
+        return pathlib.Path(tiny.CHECKPOINT_DIR)
+    directory = pathlib.Path(path).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"model.path={path!r} is not a directory; allowed: a local Hugging Face"
+            " Gemma2 directory (config.json, *.safetensors, tokenizer files) or ''"
+            " for the built-in tiny model."
+        )
+    return directory
+
+
+def action_token_length(tokenizer, actions: tuple[str, ...]) -> int:
+    """Tokens per action string (SPEC 4: gen_len), the longest of them."""
+    return max(len(tokenizer.encode(a, add_special_tokens=False)) for a in actions)
+
+
+def _to_host(tree: Any) -> Any:
+    """Arrays to numpy on every process (gathered across processes if needed)."""
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if getattr(x, "is_fully_addressable", True):
+            return np.asarray(jax.device_get(x))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(get, tree)
+
+
+@dataclasses.dataclass
+class Run:
+    """A built training run: what `train` needs between chunks.
+
+    Built by `build_run` (loads the model, renders prompts, places state on
+    the mesh); `run_chunks` advances it; tests use the pieces directly.
+    """
+
+    cfg: config_lib.ExperimentConfig
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    frozen: Any
+    env: rollout.Environment
+    setup: rollout.LearnerSetup
+    learners: LearnerState
+    sampling: rollout.SamplingSettings
+    learner_info: list[dict[str, Any]]
+    tokenizer: Any
+    _compiled: dict[int, Callable] = dataclasses.field(default_factory=dict)
+
+    def chunk_fn(self, num_episodes: int) -> Callable:
+        """The jitted chunk for `num_episodes` episodes (compiled once per K)."""
+        if num_episodes not in self._compiled:
+            settings = ChunkSettings(
+                batch_size=self.cfg.run.batch_size,
+                num_episodes=num_episodes,
+                sampling=self.sampling,
+                ppo=self.cfg.ppo,
+                stochastic=self.cfg.lora.dropout > 0 or self.cfg.model.value_head_dropout > 0,
+            )
+            learner_sh = sharding_lib.learner_sharding(self.mesh)
+            output_sh = sharding_lib.chunk_output_sharding(self.mesh)
+            self._compiled[num_episodes] = jax.jit(
+                functools.partial(train_chunk, self.graphdef, settings),
+                out_shardings=(learner_sh, output_sh, output_sh),
+                donate_argnums=(3,),
+            )
+        return self._compiled[num_episodes]
+
+    def advance(self, num_episodes: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Runs `num_episodes` episodes; returns host metrics [K, N, B] / [K, N]."""
+        fn = self.chunk_fn(num_episodes)
+        self.learners, metrics, stats = fn(self.frozen, self.env, self.setup, self.learners)
+        return _to_host(metrics), _to_host(stats)
+
+
+def _learner_setup(condition: config_lib.Condition, num_episodes: int) -> rollout.LearnerSetup:
+    first, second = condition.reward.specs()
+    switch = condition.reward.switch_episode if condition.reward.switch_to else np.iinfo(np.int32).max
+    if condition.reward.switch_to and switch >= num_episodes:
+        raise ValueError(
+            f"reward.switch_episode={switch} is not below run.num_episodes={num_episodes};"
+            " allowed: an episode inside the run."
+        )
+    return rollout.LearnerSetup(
+        opponent=jnp.asarray(opponents.opponent_id(condition.opponent), jnp.int32),
+        reward_first=first,
+        reward_second=second,
+        switch_episode=jnp.asarray(switch, jnp.int32),
+    )
+
+
+def build_run(
+    cfg: config_lib.ExperimentConfig,
+    *,
+    devices=None,
+    conditions: list[config_lib.Condition] | None = None,
+) -> Run:
+    """Loads the base model, renders the prompts and builds fresh learners.
+
+    Learners are conditions x seeds (condition-major): by default the one
+    condition of `cfg`; `conditions` trains several in the same program
+    (different rewards, schedules and opponents are data on the learner axis).
+    All validation that does not need the model happens before it is loaded.
+    """
+    if conditions is None:
+        conditions = [config_lib.Condition(reward=cfg.reward, opponent=cfg.opponent.name)]
+    seeds = cfg.run.seeds
+    num_learners = len(conditions) * len(seeds)
+    setups = [_learner_setup(c, cfg.run.num_episodes) for c in conditions for _ in seeds]
+    mesh = sharding_lib.make_mesh(cfg.mesh, devices, num_learners)
+    sharding_lib.check_learners_fit(num_learners, mesh)
+    directory = model_directory(cfg.model.path)
+    from moraljax.llm import checkpoints  # Imports transformers: keep it late.
+
+    policy, tokenizer, _ = checkpoints.load_hf_checkpoint(
+        directory,
+        param_dtype=jnp.dtype(cfg.model.param_dtype),
+        lora=cfg.lora,
+        value_head_dropout=cfg.model.value_head_dropout,
+        key=jax.random.PRNGKey(0),
+        shardings=lambda name, shape: sharding_lib.weight_sharding(shape, mesh),
+    )
+    game = games.get_game(cfg.game.name)
+    actions = cfg.prompt.actions
+    gen_len = cfg.model.gen_len or action_token_length(tokenizer, actions)
+    table = prompts.build_prompt_table(
+        tokenizer, np.asarray(game.payoffs), actions=actions, table_order=cfg.prompt.table_order
+    )
+    env = rollout.Environment(
+        game=game, prompts=table, matcher=prompts.build_action_matcher(tokenizer, actions, gen_len)
+    )
+    setup = jax.tree.map(lambda *xs: jnp.stack(xs), *setups)
+    graphdef, _, frozen = gemma2.split_policy(policy)
+    learners = init_learners(policy, tuple(seeds) * len(conditions), cfg.ppo)
+    learner_sh = sharding_lib.learner_sharding(mesh)
+    return Run(
+        cfg=cfg,
+        mesh=mesh,
+        graphdef=graphdef,
+        frozen=frozen,
+        env=sharding_lib.put(env, sharding_lib.replicated(mesh)),
+        setup=sharding_lib.put(setup, learner_sh),
+        learners=sharding_lib.put(learners, learner_sh),
+        sampling=rollout.SamplingSettings(
+            gen_len=gen_len, temperature=cfg.model.temperature, top_k=cfg.model.top_k, top_p=cfg.model.top_p
+        ),
+        learner_info=[
+            {"learner": n, "seed": seed, "condition": condition.name, "player": 0}
+            for n, (condition, seed) in enumerate((c, s) for c in conditions for s in seeds)
+        ],
+        tokenizer=tokenizer,
+    )
+
+
+def _shares_text(metrics: dict[str, np.ndarray]) -> str:
+    """'C 52% D 40% ill 8%' over a chunk's decisions (for the progress bar)."""
+    types = metrics["action_type"]
+    total = types.size
+    coop = np.isin(types, (0, 1)).sum() / total
+    defect = np.isin(types, (2, 3)).sum() / total
+    return f"C {coop:.0%} D {defect:.0%} illegal {1 - coop - defect:.0%}"
+
+
+def train(cfg: config_lib.ExperimentConfig, workdir: str | pathlib.Path, *, progress: bool = True,
+          stop_after: int | None = None, devices=None) -> dict[str, Any] | None:
+    """Trains (or resumes) a run in `workdir` and writes its outputs.
+
+    Args:
+        cfg: the validated experiment.
+        workdir: run directory: config.json, checkpoints/, metrics.csv, tb/,
+            action_types.png, rewards.png, summary.json, summary.md.
+        progress: show a progress bar with live action shares.
+        stop_after: stop (with a checkpoint) once this many episodes are done,
+            as if killed there; for tests of resumption.
+        devices: devices of the mesh (default all).
+
+    Returns:
+        The summary (process 0), or None (other processes, or stopped early).
+
+    Raises:
+        ValueError / FileNotFoundError: bad settings or a workdir holding a
+            different run, before anything is loaded or written.
+    """
+    from moraljax import checkpointing
+    from moraljax import reporting
+
+    workdir = pathlib.Path(workdir)
+    resolved = resolved_config(cfg)
+    check_workdir(workdir, resolved)
+    is_writer = jax.process_index() == 0
+    started = time.time()
+    run = build_run(cfg, devices=devices)
+    say = print if (progress and is_writer) else (lambda *_: None)
+    say(f"loaded {cfg.model.path or 'the built-in tiny model'} in {time.time() - started:.1f}s;"
+        f" {len(run.learner_info)} learners on a {dict(run.mesh.shape)} mesh,"
+        f" prompts of {run.env.prompts.ids.shape[1]} tokens, {run.sampling.gen_len} generated tokens")
+
+    checkpointer = checkpointing.Checkpointer(workdir / "checkpoints")
+    start = checkpointer.latest_step() or 0
+    if start:
+        run.learners, _ = checkpointer.restore(start, run.learners)
+        say(f"resumed from the checkpoint at episode {start} in {workdir}")
+    writer = reporting.RunWriter(workdir, run.learner_info, is_writer=is_writer, start_episode=start)
+    writer.save_config(resolved)
+
+    total = cfg.run.num_episodes if stop_after is None else min(stop_after, cfg.run.num_episodes)
+    chunk = cfg.run.episodes_per_chunk
+    every = cfg.run.checkpoint_every
+    bar = None
+    if progress and is_writer:
+        import tqdm
+
+        bar = tqdm.tqdm(total=cfg.run.num_episodes, initial=start, unit="episode", dynamic_ncols=True)
+    episode = start
+    while episode < total:
+        count = min(chunk, total - episode)
+        metrics, stats = run.advance(count)
+        writer.write_chunk(np.arange(episode, episode + count), metrics, stats)
+        crossed = (episode + count) // every > episode // every
+        episode += count
+        if crossed or episode == total:
+            checkpointer.save(episode, run.learners, {"episode": episode})
+        if bar is not None:
+            bar.update(count)
+            bar.set_postfix_str(_shares_text(metrics))
+    if bar is not None:
+        bar.close()
+    checkpointer.close()
+    summary = writer.write_report() if episode >= cfg.run.num_episodes else None
+    writer.close()
+    say(f"ran {episode - start} episodes in {time.time() - started:.1f}s (compilation included)")
+    return summary
