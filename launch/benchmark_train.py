@@ -90,7 +90,7 @@ def main(argv):
     def reference(frozen, trainable_one, env, decisions):
         prefix = rollout.reference_prefix(run.graphdef, frozen, trainable_one, env.prompts, gen_len)
         return rollout.reference_logprobs(
-            run.graphdef, frozen, trainable_one, prefix, decisions.prompt_index.reshape(-1),
+            run.graphdef, frozen, trainable_one, prefix, decisions.prompt_row.reshape(-1),
             decisions.tokens.reshape(-1, gen_len))
 
     ref = reference(run.frozen, trainable_one, run.env, decisions)

@@ -287,11 +287,6 @@ class ExperimentConfig:
     mesh: MeshSettings
 
     def __post_init__(self):
-        if self.opponent.name == "llm":
-            raise NotImplementedError(
-                "opponent='llm' (LLM vs LLM) is not available yet; allowed"
-                f" opponents today: {', '.join(opponents.FIXED_OPPONENT_NAMES)}."
-            )
         self.ppo.mini_batch_size(self.run.batch_size)  # raises if it does not divide
 
 
@@ -363,7 +358,7 @@ def parse_variant(arg: str | None, defaults: dict[str, str], allowed: dict[str, 
 # Shared config builders for configs/*.py.
 
 TINY_MODEL = "tiny"
-TRAINING_OPPONENTS = ("tft", "ac", "ad", "random")
+TRAINING_OPPONENTS = ("tft", "ac", "ad", "random", "llm")
 
 
 def tiny_model_overrides(config: ml_collections.ConfigDict) -> None:
@@ -397,7 +392,9 @@ def experiment_config(
     """The paper's experiment (SPEC 6, 7) as a ConfigDict, with variants.
 
     Args:
-        arg: "opponent=tft|ac|ad|random,model=tiny|/path/to/gemma-2-2b-it".
+        arg: "opponent=tft|ac|ad|random|llm,model=tiny|/path/to/gemma-2-2b-it".
+            Against "llm" (a second learner, SPEC 3) an episode has 3
+            decisions, as in the paper.
         reward: training reward name (rewards.REWARD_NAMES).
         switch_to: second reward for unlearning ('' = none).
         switch_episode: episode of the switch.
@@ -428,6 +425,8 @@ def experiment_config(
     )
     config.run = dataclasses.asdict(RunSettings())
     config.mesh = dataclasses.asdict(MeshSettings())
+    if variant["opponent"] == "llm":
+        config.run.batch_size = 3
     config = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
     if variant["model"] == TINY_MODEL:
         tiny_model_overrides(config)

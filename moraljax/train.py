@@ -93,17 +93,22 @@ class ChunkSettings:
     stochastic: bool  # Whether the PPO forward has dropout.
 
 
-def init_learners(template: gemma2.Policy, seeds: tuple[int, ...], ppo_config: ppo.PPOConfig) -> LearnerState:
-    """Fresh learners, one per seed: [N] leading axis on every leaf.
+def init_learners(
+    template: gemma2.Policy, seed_players: list[tuple[int, int]], ppo_config: ppo.PPOConfig
+) -> LearnerState:
+    """Fresh learners, one per (seed, player): [N] leading axis on every leaf.
 
-    Seed s gets PRNGKey(s) split into an initialisation key (LoRA A, value
+    Seed s gets PRNGKey(s) (the second player of an LLM pair
+    fold_in(PRNGKey(s), 1)), split into an initialisation key (LoRA A, value
     head) and the run key of its episodes.
     """
     optimizer = ppo.make_optimizer(ppo_config)
     _, trainable_template, _ = gemma2.split_policy(template)
 
-    def one(seed):
-        key_init, key_run = jax.random.split(jax.random.PRNGKey(seed))
+    def one(seed, player):
+        key = jax.random.PRNGKey(seed)
+        key = jnp.where(player == 0, key, jax.random.fold_in(key, player))
+        key_init, key_run = jax.random.split(key)
         trainable = lora_lib.init_trainable(trainable_template, key_init)
         return LearnerState(
             trainable=trainable,
@@ -114,7 +119,8 @@ def init_learners(template: gemma2.Policy, seeds: tuple[int, ...], ppo_config: p
             key=key_run,
         )
 
-    return jax.jit(jax.vmap(one))(jnp.asarray(seeds, jnp.int32))
+    seeds, players = zip(*seed_players)
+    return jax.jit(jax.vmap(one))(jnp.asarray(seeds, jnp.int32), jnp.asarray(players, jnp.int32))
 
 
 def _update_one(
@@ -131,11 +137,11 @@ def _update_one(
 
     def forward(trainable, minibatch, dropout_key):
         policy = gemma2.merge_policy(graphdef, trainable, frozen)
-        index = minibatch["prompt_index"]
+        row = minibatch["prompt_row"]
         out = sampling.score_responses(
             policy,
-            table.ids[index],
-            table.mask[index],
+            table.ids[row],
+            table.mask[row],
             minibatch["tokens"],
             dropout_key=dropout_key if settings.stochastic else None,
         )
@@ -148,7 +154,7 @@ def _update_one(
         ppo.make_optimizer(settings.ppo),
         learner.moments,
         learner.kl,
-        {"prompt_index": decisions.prompt_index, "tokens": decisions.tokens},
+        {"prompt_row": decisions.prompt_row, "tokens": decisions.tokens},
         scores=decisions.reward,
         old_logprobs=decisions.logprobs,
         ref_logprobs=ref_logprobs,
@@ -205,7 +211,7 @@ def train_chunk(
             frozen,
             trainable_one,
             prefix,
-            decisions.prompt_index.reshape(-1),
+            decisions.prompt_row.reshape(-1),
             decisions.tokens.reshape(num_learners * batch, gen_len),
         ).reshape(num_learners, batch, gen_len)
         update = functools.partial(_update_one, graphdef, frozen, env.prompts, settings)
@@ -304,6 +310,7 @@ class Run:
     sampling: rollout.SamplingSettings
     learner_info: list[dict[str, Any]]
     tokenizer: Any
+    base_config: gemma2.Gemma2Config
     _compiled: dict[int, Callable] = dataclasses.field(default_factory=dict)
 
     def chunk_fn(self, num_episodes: int) -> Callable:
@@ -332,20 +339,34 @@ class Run:
         return _to_host(metrics), _to_host(stats)
 
 
-def _learner_setup(condition: config_lib.Condition, num_episodes: int) -> rollout.LearnerSetup:
-    first, second = condition.reward.specs()
+def _learner_setups(condition: config_lib.Condition, num_episodes: int, first: int) -> list[rollout.LearnerSetup]:
+    """The learners of one condition and seed: one, or an LLM-vs-LLM pair.
+
+    Args:
+        condition: reward (schedule) and opponent.
+        num_episodes: run length, to check the switch episode.
+        first: learner index of the first learner returned (pairs are
+            adjacent: the partner of `first` is `first + 1`).
+    """
+    first_spec, second_spec = condition.reward.specs()
     switch = condition.reward.switch_episode if condition.reward.switch_to else np.iinfo(np.int32).max
     if condition.reward.switch_to and switch >= num_episodes:
         raise ValueError(
             f"reward.switch_episode={switch} is not below run.num_episodes={num_episodes};"
             " allowed: an episode inside the run."
         )
-    return rollout.LearnerSetup(
-        opponent=jnp.asarray(opponents.opponent_id(condition.opponent), jnp.int32),
-        reward_first=first,
-        reward_second=second,
-        switch_episode=jnp.asarray(switch, jnp.int32),
-    )
+    players = 2 if condition.opponent == "llm" else 1
+    return [
+        rollout.LearnerSetup(
+            opponent=jnp.asarray(opponents.opponent_id(condition.opponent), jnp.int32),
+            partner=jnp.asarray(first + 1 - player if players == 2 else -1, jnp.int32),
+            player=jnp.asarray(player, jnp.int32),
+            reward_first=first_spec,
+            reward_second=second_spec,
+            switch_episode=jnp.asarray(switch, jnp.int32),
+        )
+        for player in range(players)
+    ]
 
 
 def build_run(
@@ -356,22 +377,28 @@ def build_run(
 ) -> Run:
     """Loads the base model, renders the prompts and builds fresh learners.
 
-    Learners are conditions x seeds (condition-major): by default the one
-    condition of `cfg`; `conditions` trains several in the same program
-    (different rewards, schedules and opponents are data on the learner axis).
-    All validation that does not need the model happens before it is loaded.
+    Learners are conditions x seeds (x 2 players against an LLM opponent),
+    condition-major: by default the one condition of `cfg`; `conditions`
+    trains several in the same program (rewards, schedules and opponents are
+    data on the learner axis). All validation that does not need the model
+    happens before it is loaded.
     """
     if conditions is None:
         conditions = [config_lib.Condition(reward=cfg.reward, opponent=cfg.opponent.name)]
-    seeds = cfg.run.seeds
-    num_learners = len(conditions) * len(seeds)
-    setups = [_learner_setup(c, cfg.run.num_episodes) for c in conditions for _ in seeds]
+    setups, info = [], []
+    for condition in conditions:
+        for seed in cfg.run.seeds:
+            for setup in _learner_setups(condition, cfg.run.num_episodes, len(setups)):
+                info.append({"learner": len(setups), "seed": seed, "condition": condition.name,
+                             "player": int(setup.player), "opponent_is_llm": condition.opponent == "llm"})
+                setups.append(setup)
+    num_learners = len(setups)
     mesh = sharding_lib.make_mesh(cfg.mesh, devices, num_learners)
     sharding_lib.check_learners_fit(num_learners, mesh)
     directory = model_directory(cfg.model.path)
     from moraljax.llm import checkpoints  # Imports transformers: keep it late.
 
-    policy, tokenizer, _ = checkpoints.load_hf_checkpoint(
+    policy, tokenizer, base_config = checkpoints.load_hf_checkpoint(
         directory,
         param_dtype=jnp.dtype(cfg.model.param_dtype),
         lora=cfg.lora,
@@ -382,15 +409,22 @@ def build_run(
     game = games.get_game(cfg.game.name)
     actions = cfg.prompt.actions
     gen_len = cfg.model.gen_len or action_token_length(tokenizer, actions)
-    table = prompts.build_prompt_table(
-        tokenizer, np.asarray(game.payoffs), actions=actions, table_order=cfg.prompt.table_order
-    )
+    sides = [game, games.opponent_view(game)]  # Player 0 (M) and player 1.
+    tables = [
+        prompts.build_prompt_table(
+            tokenizer, np.asarray(side.payoffs), actions=actions, table_order=cfg.prompt.table_order
+        )
+        for side in sides
+    ]
+    stacked = prompts.stack_prompt_tables(tables, tokenizer.pad_token_id)
     env = rollout.Environment(
-        game=game, prompts=table, matcher=prompts.build_action_matcher(tokenizer, actions, gen_len)
+        game=games.stack_games(sides),
+        prompts=jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stacked),
+        matcher=prompts.build_action_matcher(tokenizer, actions, gen_len),
     )
     setup = jax.tree.map(lambda *xs: jnp.stack(xs), *setups)
     graphdef, _, frozen = gemma2.split_policy(policy)
-    learners = init_learners(policy, tuple(seeds) * len(conditions), cfg.ppo)
+    learners = init_learners(policy, [(i["seed"], i["player"]) for i in info], cfg.ppo)
     learner_sh = sharding_lib.learner_sharding(mesh)
     return Run(
         cfg=cfg,
@@ -403,12 +437,35 @@ def build_run(
         sampling=rollout.SamplingSettings(
             gen_len=gen_len, temperature=cfg.model.temperature, top_k=cfg.model.top_k, top_p=cfg.model.top_p
         ),
-        learner_info=[
-            {"learner": n, "seed": seed, "condition": condition.name, "player": 0}
-            for n, (condition, seed) in enumerate((c, s) for c in conditions for s in seeds)
-        ],
+        learner_info=info,
         tokenizer=tokenizer,
+        base_config=base_config,
     )
+
+
+def export_adapters(run: Run, directory: pathlib.Path, *, is_writer: bool) -> None:
+    """Writes every learner's adapter in PEFT's format (llm/adapters.py).
+
+    One directory per learner, `<condition>_seed<seed>[_player<p>]`, loadable
+    with transformers + peft on the same base model.
+    """
+    from moraljax.llm import adapters
+
+    trainable = _to_host(run.learners.trainable)
+    if not is_writer:
+        return
+    base_name = run.cfg.model.path or "moraljax/llm/tiny/checkpoint"
+    for n, info in enumerate(run.learner_info):
+        name = f"{info['condition']}_seed{info['seed']}".replace(">", "")
+        if info["opponent_is_llm"]:
+            name += f"_player{info['player']}"
+        adapters.export_peft_adapter(
+            jax.tree.map(lambda x: x[n], trainable),
+            run.cfg.lora,
+            directory / name,
+            base_model_name_or_path=base_name,
+            base_config=run.base_config,
+        )
 
 
 def _shares_text(metrics: dict[str, np.ndarray]) -> str:
@@ -459,7 +516,13 @@ def train(cfg: config_lib.ExperimentConfig, workdir: str | pathlib.Path, *, prog
     if start:
         run.learners, _ = checkpointer.restore(start, run.learners)
         say(f"resumed from the checkpoint at episode {start} in {workdir}")
-    writer = reporting.RunWriter(workdir, run.learner_info, is_writer=is_writer, start_episode=start)
+    writer = reporting.RunWriter(
+        workdir,
+        run.learner_info,
+        is_writer=is_writer,
+        start_episode=start,
+        opponent_is_llm=[info["opponent_is_llm"] for info in run.learner_info],
+    )
     writer.save_config(resolved)
 
     total = cfg.run.num_episodes if stop_after is None else min(stop_after, cfg.run.num_episodes)
@@ -485,7 +548,10 @@ def train(cfg: config_lib.ExperimentConfig, workdir: str | pathlib.Path, *, prog
     if bar is not None:
         bar.close()
     checkpointer.close()
-    summary = writer.write_report() if episode >= cfg.run.num_episodes else None
+    finished = episode >= cfg.run.num_episodes
+    if finished:
+        export_adapters(run, workdir / "adapters", is_writer=is_writer)
+    summary = writer.write_report() if finished else None
     writer.close()
     say(f"ran {episode - start} episodes in {time.time() - started:.1f}s (compilation included)")
     return summary

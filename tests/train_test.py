@@ -51,7 +51,7 @@ def learning_run():
 
 
 def test_utilitarian_learns_to_cooperate(learning_run):
-    start = shares(learning_run[:, 0], slice(0, 50))
+    start = shares(learning_run[:, 0], slice(0, 10))
     end = shares(learning_run[:, 0], slice(-50, None))
     print("util", start, end)
     assert end["C"] > start["C"] + 0.3
@@ -59,7 +59,7 @@ def test_utilitarian_learns_to_cooperate(learning_run):
 
 
 def test_game_reward_learns_to_defect(learning_run):
-    start = shares(learning_run[:, 1], slice(0, 50))
+    start = shares(learning_run[:, 1], slice(0, 10))
     end = shares(learning_run[:, 1], slice(-50, None))
     print("game", start, end)
     assert end["D"] > start["D"] + 0.3
@@ -67,7 +67,7 @@ def test_game_reward_learns_to_defect(learning_run):
 
 
 def test_deontological_stops_defecting_against_cooperators(learning_run):
-    start = shares(learning_run[:, 2], slice(0, 50))
+    start = shares(learning_run[:, 2], slice(0, 10))
     end = shares(learning_run[:, 2], slice(-50, None))
     print("deont", start, end)
     assert end["D|C"] < 0.05 < start["D|C"]

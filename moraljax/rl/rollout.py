@@ -12,14 +12,17 @@ opponent. Decision t of learner n:
 
 Learners are a leading axis N over one shared frozen base. The decision loop
 is a `lax.scan` over t with every learner advanced together inside, so a
-learner whose opponent is another learner can read its move in the same step.
+learner whose opponent is another learner (LLM vs LLM, SPEC 3) reads its
+partner's parsed answer in the same step; each sees the prompt and payoffs
+from its own side and updates its state of the other's move only when that
+move was legal.
 
 The reference model (the base with the adapter off) never changes during a
-run, so its prefill of the 16 distinct prompts is computed once per chunk
+run, so its prefill of the distinct prompts is computed once per chunk
 (`reference_prefix`) and each decision's reference log-probs come from
 `gen_len - 1` cached decode steps instead of a full forward.
 
-Axis legend: N learners, B decisions per episode, P distinct prompts,
+Axis legend: N learners, B decisions per episode, P distinct prompts per player,
 T prompt tokens, L generated tokens, D model dim.
 """
 
@@ -53,9 +56,14 @@ class SamplingSettings:
 class Environment:
     """What every episode reads: shared by all learners, constant in a run.
 
+    Row player p (0 = the agent M, 1 = a learning opponent, SPEC 3) sees the
+    game and its prompts from its own side.
+
     Attributes:
-        game: the matrix game (payoffs as data).
-        prompts: the game's 16 structured prompts, [P, T], left-padded.
+        game: the matrix game from each player's side, payoffs [2, 2, 2, 2]
+            (player 1's is games.opponent_view of player 0's).
+        prompts: every distinct prompt, [2 * P, T]; row p * P + prompt_index
+            is player p's prompt (left-padded).
         matcher: the in-jit action parser for the action strings.
     """
 
@@ -70,12 +78,17 @@ class LearnerSetup:
 
     Attributes:
         opponent: int32 opponent id (opponents.OPPONENT_NAMES).
+        partner: int32 index of the learner this one plays when the opponent
+            is "llm" (the two sit next to each other), -1 otherwise.
+        player: int32, 0 for M, 1 for the second LLM of an LLM-vs-LLM pair.
         reward_first: reward used before `switch_episode`.
         reward_second: reward from `switch_episode` on (unlearning, SPEC 2).
         switch_episode: int32; a value >= the run length means no switch.
     """
 
     opponent: jax.Array
+    partner: jax.Array
+    player: jax.Array
     reward_first: rewards.RewardSpec
     reward_second: rewards.RewardSpec
     switch_episode: jax.Array
@@ -86,7 +99,7 @@ class Decisions:
     """Per-decision records of one episode, leading axes [N, B].
 
     Attributes:
-        prompt_index: int32, row of the prompt table the learner saw.
+        prompt_row: int32, row of `Environment.prompts` the learner saw.
         tokens: int32 [N, B, L] generated ids.
         logprobs: float32 [N, B, L] behaviour log-probs (no dropout).
         values: float32 [N, B, L] behaviour values (no dropout).
@@ -101,7 +114,7 @@ class Decisions:
         action_type: int32 index into games.ACTION_TYPE_NAMES.
     """
 
-    prompt_index: jax.Array
+    prompt_row: jax.Array
     tokens: jax.Array
     logprobs: jax.Array
     values: jax.Array
@@ -155,25 +168,25 @@ def _sample_one(
 
 
 def _decision_outcome(
-    env: Environment,
+    game: games.MatrixGame,
     spec: rewards.RewardSpec,
     state: games.GameState,
     action: jax.Array,
     a_o: jax.Array,
     legal_o: jax.Array,
 ) -> dict[str, jax.Array]:
-    """Rewards, regrets and action type of one decision (one learner)."""
+    """Rewards, regrets and action type of one decision (one learner, own-side game)."""
     legal = action >= 0
     a_m = jnp.maximum(action, 0)  # Any move; unused when illegal.
-    named = rewards.all_rewards(env.game, a_m, a_o, state.prev_o, legal, legal_o)
+    named = rewards.all_rewards(game, a_m, a_o, state.prev_o, legal, legal_o)
     return dict(
-        reward=rewards.moral_reward(spec, env.game, a_m, a_o, state.prev_o, legal, legal_o),
+        reward=rewards.moral_reward(spec, game, a_m, a_o, state.prev_o, legal, legal_o),
         reward_game=named["game"],
         reward_deont=named["deont"],
         reward_util=named["util"],
         reward_game_deont=named["game_deont"],
         regret_deont=rewards.deontological_regret(a_m, state.prev_o, legal),
-        regret_util=rewards.utilitarian_regret(env.game, a_m, a_o, legal),
+        regret_util=rewards.utilitarian_regret(game, a_m, a_o, legal),
         action_type=games.action_type(a_m, legal, state.prev_o),
     )
 
@@ -206,9 +219,16 @@ def rollout_episode(
     Returns:
         `Decisions` with leading axes [N, B].
     """
-    num_learners = episode.shape[0]
+    num_prompts = env.prompts.ids.shape[0] // 2
     key_init, key_steps = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     state = jax.vmap(opponents.initial_state)(setup.opponent, key_init)
+    # The second LLM of a pair starts from its partner's state, seen from its side.
+    has_partner = setup.partner >= 0
+    partner = jnp.maximum(setup.partner, 0)
+    mirrored = games.swap_players(jax.tree.map(lambda x: x[partner], state))
+    second = has_partner & (setup.player == 1)
+    state = jax.tree.map(lambda own, other: jnp.where(second, other, own), state, mirrored)
+    game = jax.tree.map(lambda x: x[setup.player], env.game)  # [N] own-side games
     spec = jax.vmap(current_reward)(setup, episode)
     step_keys = jax.vmap(lambda k: jax.random.split(k, batch_size))(key_steps)
     step_keys = jnp.moveaxis(step_keys, 1, 0)  # [B, N, ...]
@@ -220,24 +240,28 @@ def rollout_episode(
         first_option = jax.vmap(jax.random.bernoulli)(key_option).astype(jnp.int32)
         first_answer = jax.vmap(jax.random.bernoulli)(key_answer).astype(jnp.int32)
         index = prompts.prompt_index(state.prev_m, state.prev_o, first_option, first_answer)
+        row = setup.player * num_prompts + index
         sample = jax.vmap(_sample_one, in_axes=(None, None, 0, 0, 0, 0, None))(
             graphdef,
             frozen,
             trainable,
-            env.prompts.ids[index],
-            env.prompts.mask[index],
+            env.prompts.ids[row],
+            env.prompts.mask[row],
             key_sample,
             settings,
         )
         action = prompts.match_actions(env.matcher, sample.tokens)
-        a_o = jax.vmap(opponents.fixed_opponent_move)(setup.opponent, state, key_opponent)
-        legal_o = jnp.ones((num_learners,), bool)
-        outcome = jax.vmap(_decision_outcome, in_axes=(None, 0, 0, 0, 0, 0))(
-            env, spec, state, action, a_o, legal_o
+        fixed_move = jax.vmap(opponents.fixed_opponent_move)(setup.opponent, state, key_opponent)
+        # A learning opponent's move is its own parsed answer in this step.
+        partner_action = action[partner]
+        a_o = jnp.where(has_partner, jnp.maximum(partner_action, 0), fixed_move)
+        legal_o = jnp.where(has_partner, partner_action >= 0, True)
+        outcome = jax.vmap(_decision_outcome, in_axes=(0, 0, 0, 0, 0, 0))(
+            game, spec, state, action, a_o, legal_o
         )
         next_state = jax.vmap(games.step)(state, jnp.maximum(action, 0), a_o, action >= 0, legal_o)
         record = Decisions(
-            prompt_index=index,
+            prompt_row=row,
             tokens=sample.tokens,
             logprobs=sample.logprobs,
             values=sample.values,
@@ -285,21 +309,21 @@ def reference_logprobs(
     frozen: nnx.State,
     trainable_one: nnx.State,
     prefix: ReferencePrefix,
-    prompt_index: jax.Array,
+    prompt_row: jax.Array,
     tokens: jax.Array,
 ) -> jax.Array:
     """Reference log-probs of responses, from the cached prompt prefixes.
 
     Args:
-        prompt_index: int32 [M] rows of the prompt table.
+        prompt_row: int32 [M] rows of the prompt table.
         tokens: int32 [M, L] responses.
 
     Returns:
         float32 [M, L]: log pi_ref(token_l | prompt, tokens_<l).
     """
     policy = gemma2.merge_policy(graphdef, trainable_one, frozen)
-    cache = jax.tree.map(lambda x: x[prompt_index], prefix.cache)
-    hidden = prefix.last_hidden[prompt_index]
+    cache = jax.tree.map(lambda x: x[prompt_row], prefix.cache)
+    hidden = prefix.last_hidden[prompt_row]
     logprobs = []
     for step in range(tokens.shape[1]):  # L is 2 in the paper: unrolled.
         logprobs.append(sampling.token_log_probs(policy.logits(hidden), tokens[:, step]))
