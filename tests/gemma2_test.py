@@ -20,6 +20,7 @@ from flax import nnx
 
 from moraljax.llm import checkpoints
 from moraljax.llm import gemma2
+from moraljax.llm import lora
 from moraljax.llm import sampling
 
 VOCAB = 200
@@ -267,3 +268,103 @@ def test_rms_norm_and_softcap_by_hand():
     )
     np.testing.assert_allclose(gemma2.softcap(jnp.array([0.0, 100.0]), 2.0), [0.0, 2.0], atol=1e-6)
     np.testing.assert_allclose(gemma2.softcap(jnp.array([1.0]), None), [1.0])
+
+
+def _textbook_attention(queries, keys, values, allowed, query_scale, logit_cap):
+    """Attention written plainly, for autodiff to differentiate."""
+    logits = jnp.einsum("btkgh,bskh->bkgts", queries, keys) * query_scale
+    logits = gemma2.softcap(logits, logit_cap)
+    logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, values)
+
+
+@pytest.mark.parametrize("logit_cap", [1.5, None])
+def test_attention_hand_written_backward_matches_autodiff(logit_cap):
+    batch, length, capacity, kv_heads, groups, head_dim = 2, 5, 7, 2, 3, 4
+    key_q, key_k, key_v, key_mask, key_w = jax.random.split(jax.random.key(0), 5)
+    queries = 2.0 * jax.random.normal(key_q, (batch, length, kv_heads, groups, head_dim))
+    keys = jax.random.normal(key_k, (batch, capacity, kv_heads, head_dim))
+    values = jax.random.normal(key_v, (batch, capacity, kv_heads, head_dim))
+    allowed = jax.random.bernoulli(key_mask, 0.6, (batch, length, capacity))
+    allowed = allowed.at[0, 1].set(False)  # a fully masked (padding) query
+    weights = jax.random.normal(key_w, queries.shape)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, allowed, 0.7, logit_cap)) * weights)
+
+    ours = jax.jit(jax.value_and_grad(loss(gemma2.attention), argnums=(0, 1, 2)))(queries, keys, values)
+    theirs = jax.jit(jax.value_and_grad(loss(_textbook_attention), argnums=(0, 1, 2)))(queries, keys, values)
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5)
+    for got, want in zip(ours[1], theirs[1]):
+        assert np.abs(np.asarray(want)).max() > 1e-3  # the gradient is not trivially zero
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # The masked query's row gets no gradient, as through jnp.where.
+    np.testing.assert_array_equal(ours[1][0][0, 1], 0.0)
+
+
+def test_rotary_tables_are_cos_and_sin_kept_bit_exact():
+    # The identity product that pins a table in memory changes no bit.
+    table = jax.random.normal(jax.random.key(0), (3, 7, 16)) * jnp.logspace(-30, 30, 16)
+    np.testing.assert_array_equal(jax.jit(lora.materialize)(table), table)
+    positions = jnp.array([[0, 0, 1, 2, 30], [0, 1, 2, 3, 4]])
+
+    @jax.jit
+    def tables_and_formula(positions):
+        inv_freq = 1.0 / (500.0 ** (jnp.arange(0, 16, 2, dtype=jnp.float32) / 16))
+        angles = positions.astype(jnp.float32)[..., None] * inv_freq
+        return gemma2.rotary_tables(positions, 16, 500.0), jnp.cos(angles), jnp.sin(angles)
+
+    tables, cos, sin = tables_and_formula(positions)
+    assert tables.cos.shape == (2, 5, 1, 8)
+    np.testing.assert_allclose(tables.cos[:, :, 0], cos, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(tables.sin[:, :, 0], sin, rtol=1e-6, atol=1e-6)
+
+
+def _adapted_policy(num_layers):
+    """A random policy with non-zero adapters (fresh ones are exact no-ops)."""
+    config = gemma2.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+        layer_types=tuple(["sliding_attention", "full_attention"] * num_layers)[:num_layers],
+        sliding_window=3, query_pre_attn_scalar=4,
+    )
+    lora_config = lora.LoraConfig(rank=2, alpha=4.0, dropout=0.3)
+    policy = gemma2.init_policy(config, lora=lora_config, value_head_dropout=0.0, key=jax.random.key(1))
+    trainable = nnx.state(policy, lora.TRAINABLE)
+    noise = jax.random.normal(jax.random.key(2), (sum(x.size for x in jax.tree.leaves(trainable)),))
+    leaves, offset = [], 0
+    for leaf in jax.tree.leaves(trainable):
+        leaves.append(leaf + 0.3 * noise[offset : offset + leaf.size].reshape(leaf.shape))
+        offset += leaf.size
+    nnx.update(policy, jax.tree.unflatten(jax.tree.structure(trainable), leaves))
+    return policy
+
+
+@pytest.mark.parametrize("num_layers", [2, 5])  # a Python loop and a scan over layers
+def test_num_outputs_gives_the_last_hidden_states_of_the_full_forward(num_layers):
+    policy = _adapted_policy(num_layers)
+    ids, mask = _left_padded_batch(7, batch=3, length=9, pads=[0, 4, 2])
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    positions = gemma2.positions_from_mask(mask)
+    dropout_key = jax.random.key(3)
+
+    @nnx.jit(static_argnames="num_outputs")
+    def forward(policy, num_outputs, cache=None):
+        out = policy.forward(ids, positions, mask, cache, dropout_key=dropout_key, num_outputs=num_outputs)
+        return out.hidden, out.cache
+
+    full, _ = forward(policy, None)
+    for n in (1, 3, 9):
+        tail, _ = forward(policy, n)
+        assert tail.shape == (3, n, 16)
+        np.testing.assert_allclose(tail, full[:, -n:], rtol=1e-5, atol=1e-5)
+    # Through a cache (prefill), every token's keys and values are still written.
+    cache = gemma2.init_cache(policy.config, 3, 11, jnp.float32)
+    full_hidden, full_cache = forward(policy, None, cache)
+    last_hidden, last_cache = forward(policy, 1, cache)
+    np.testing.assert_allclose(last_hidden, full_hidden[:, -1:], rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(last_cache), jax.tree.leaves(full_cache)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="num_outputs"):
+        policy.forward(ids, positions, mask, num_outputs=10)

@@ -262,3 +262,23 @@ def test_paper_defaults():
     config = lora.LoraConfig()
     assert (config.rank, config.alpha, config.dropout, config.scale) == (64, 32.0, 0.05, 0.5)
     assert config.targets == ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey, lambda s: jax.random.key(s, impl="rbg")])
+def test_bernoulli_is_jax_random_bernoulli_bit_for_bit(make_key):
+    key = make_key(11)
+    sample = jax.jit(lora.bernoulli, static_argnums=(1, 2), static_argnames="suffix_of")
+    for shape, p in [((5, 213, 64), 0.95), ((7,), 0.5), ((), 0.3), ((2, 3, 4, 5), 0.1)]:
+        np.testing.assert_array_equal(sample(key, p, shape), jax.random.bernoulli(key, p, shape))
+    # A suffix of the rows of a longer draw, without drawing the rest.
+    full = jax.random.bernoulli(key, 0.7, (3, 11, 6))
+    for rows in (11, 4, 1):
+        np.testing.assert_array_equal(sample(key, 0.7, (3, rows, 6), suffix_of=11), full[:, 11 - rows :])
+    # Per-learner keys under vmap.
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(4))
+    np.testing.assert_array_equal(
+        jax.vmap(lambda k: lora.bernoulli(k, 0.9, (6, 8)))(keys),
+        jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, (6, 8)))(keys),
+    )
+    with pytest.raises(ValueError, match="suffix_of"):
+        lora.bernoulli(key, 0.5, (3, 4, 2), suffix_of=3)

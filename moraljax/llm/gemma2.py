@@ -27,7 +27,14 @@ index in the padded sequence), exactly as transformers does; with left
 padding a slot difference equals a position difference.
 
 The decoder layers are stored stacked on a leading L axis and run with
-``jax.lax.scan`` (one layer traced and compiled once, whatever the depth).
+``jax.lax.scan`` (one layer traced and compiled once, whatever the depth),
+or as a Python loop for models of at most 4 layers.
+
+Speed on CPU (launch/benchmark_train.py): matmuls see 2-D [rows, features]
+operands; attention has a hand-written backward pass (``attention``); the
+rotary tables are computed once per call; callers that read only the last
+few hidden states (prefill, scoring) skip the rest of the last layer
+(``num_outputs``). Each of these is exact up to float rounding.
 
 Axis legend:
   B batch, T query length (tokens in this call), S key length (cache
@@ -37,6 +44,7 @@ Axis legend:
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -53,6 +61,8 @@ from moraljax.llm import lora as lora_lib
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 _LAYER_TYPES = (SLIDING, FULL)
+# Models with at most this many layers run their layer loop unrolled.
+_MAX_UNROLLED_LAYERS = 4
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -320,26 +330,179 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return normed * (1.0 + weight.astype(jnp.float32))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+@flax.struct.dataclass
+class Rotary:
+    """Rotary-embedding tables of a batch of positions (shared by all layers).
+
+    Attributes:
+        cos: float32 [B, T, 1, H/2], cos(position * theta^(-2i/H)).
+        sin: float32 [B, T, 1, H/2], the matching sines.
+    """
+
+    cos: jax.Array
+    sin: jax.Array
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> Rotary:
+    """The ``Rotary`` tables of int [B, T] positions for heads of size ``head_dim``.
+
+    Computed once per forward pass and kept in memory: every layer and head
+    uses the same angles (see ``lora.materialize`` for why this needs doing
+    on CPU).
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos, sin = lora_lib.materialize(jnp.cos(angles)), lora_lib.materialize(jnp.sin(angles))
+    return Rotary(cos=cos[:, :, None, :], sin=sin[:, :, None, :])
+
+
+def apply_rotary(x: jax.Array, rotary: Rotary) -> jax.Array:
+    """Rotates [B, T, heads, H] by precomputed tables (see ``apply_rope``)."""
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    cos, sin = rotary.cos, rotary.sin
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array | Rotary, theta: float) -> jax.Array:
     """Rotary embedding with the rotate-half layout of transformers' Gemma.
 
     Args:
         x: [B, T, heads, H].
-        positions: int [B, T].
+        positions: int [B, T], or their ``Rotary`` tables (then ``theta`` is
+            not read).
         theta: base frequency.
 
     Returns:
         [B, T, heads, H] in the dtype of ``x`` (rotation done in float32).
     """
-    head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    first, second = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-    return rotated.astype(x.dtype)
+    if not isinstance(positions, Rotary):
+        positions = rotary_tables(positions, x.shape[-1], theta)
+    return apply_rotary(x, positions)
+
+
+# ----------------------------------------------------------------------------
+# Attention core, with a hand-written backward pass.
+
+
+def _batched_dot(lhs: jax.Array, rhs: jax.Array, lhs_contract: int, rhs_contract: int) -> jax.Array:
+    """float32 dot over one axis of each operand, batched over axis 0 of both."""
+    dims = (((lhs_contract,), (rhs_contract,)), ((0,), (0,)))
+    return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
+
+
+def _attention_rows(queries, keys, values, allowed):
+    """Regroups the operands so that every matmul is a batched 2-D matmul.
+
+    [B, T, K, G, H] queries -> [B*K, T*G, H] (row t * G + g); [B, S, K, H]
+    keys and values -> [B*K, S, H]; bool [B, T, S] -> [B*K, T*G, S]. The
+    queries of one kv head become the rows of one matrix, so logits and
+    probabilities are [B*K, T*G, S] arrays whose last (contiguous) axis is the
+    softmax axis. With one kv head every regrouping is a free reshape.
+    """
+    batch, length, kv_heads, groups, head_dim = queries.shape
+    capacity = keys.shape[1]
+    rows = batch * kv_heads
+    q = jnp.swapaxes(queries, 1, 2).reshape(rows, length * groups, head_dim)
+    k = jnp.swapaxes(keys, 1, 2).reshape(rows, capacity, head_dim)
+    v = jnp.swapaxes(values, 1, 2).reshape(rows, capacity, head_dim)
+    return q, k, v, _row_mask(allowed, kv_heads, groups)
+
+
+def _row_mask(allowed: jax.Array, kv_heads: int, groups: int) -> jax.Array:
+    """bool [B, T, S] -> [B*K, T*G, S], the layout of ``_attention_rows``."""
+    batch, length, capacity = allowed.shape
+    mask = jnp.broadcast_to(allowed[:, None, :, None, :], (batch, kv_heads, length, groups, capacity))
+    return mask.reshape(batch * kv_heads, length * groups, capacity)
+
+
+def _from_rows(rows: jax.Array, batch: int, kv_heads: int, groups: int) -> jax.Array:
+    """[B*K, T*G, H] -> [B, T, K, G, H] (inverse of the query regrouping)."""
+    return jnp.swapaxes(rows.reshape(batch, kv_heads, -1, groups, rows.shape[-1]), 1, 2)
+
+
+def _attention_forward(queries, keys, values, allowed, query_scale, logit_cap):
+    """Forward pass of ``attention``; also returns what the backward pass needs."""
+    batch, length, kv_heads, groups, head_dim = queries.shape
+    q, k, v, mask = _attention_rows(queries, keys, values, allowed)
+    scaled = _batched_dot(q, k, 2, 2) * query_scale  # [B*K, T*G, S]
+    tanh = None if logit_cap is None else jnp.tanh(scaled / logit_cap)
+    capped = scaled if tanh is None else logit_cap * tanh
+    # A finite floor (not -inf) keeps fully masked rows (padding queries)
+    # finite: they become uniform and are never read.
+    logits = jnp.where(mask, capped, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = _batched_dot(probs.astype(values.dtype), v, 2, 1)  # [B*K, T*G, H] float32
+    result = _from_rows(out, batch, kv_heads, groups)
+    return result.astype(values.dtype), (q, k, v, allowed, probs, tanh, out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def attention(
+    queries: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    allowed: jax.Array,
+    query_scale: float,
+    logit_cap: float | None,
+) -> jax.Array:
+    """Grouped-query softmax attention with Gemma-2's logit softcap.
+
+        z = (q . k) * query_scale,  c = cap_logit_cap(z)   (float32)
+        p = softmax over allowed keys of c,  out = p v
+
+    The backward pass is written out (FlashAttention's identities, Dao et
+    al. 2022) instead of derived by autodiff:
+
+        dp = dout v^T,  D = rowsum(dout * out) = rowsum(dp * p),
+        dc = p * (dp - D),  dz = dc * (1 - tanh^2) * query_scale on allowed
+        keys (0 elsewhere),  dq = dz k,  dk = dz^T q,  dv = p^T dout.
+
+    It gives the same gradients up to float rounding but runs several times
+    faster on XLA:CPU: the autodiff version transposed the [T, S] arrays
+    inside elementwise fusions and reduced over them twice, which cost far
+    more than the matmuls.
+
+    Args:
+        queries: [B, T, K, G, H] rotated queries (query head n = k * G + g).
+        keys: [B, S, K, H] rotated keys.
+        values: [B, S, K, H].
+        allowed: bool [B, T, S], which keys each query may see.
+        query_scale: static factor on q . k (query_pre_attn_scalar^-1/2).
+        logit_cap: static softcap of the attention logits, or None.
+
+    Returns:
+        [B, T, K, G, H] in the dtype of ``values``.
+    """
+    return _attention_forward(queries, keys, values, allowed, query_scale, logit_cap)[0]
+
+
+def _attention_fwd(queries, keys, values, allowed, query_scale, logit_cap):
+    return _attention_forward(queries, keys, values, allowed, query_scale, logit_cap)
+
+
+def _attention_bwd(query_scale, logit_cap, saved, d_result):
+    q, k, v, allowed, probs, tanh, out = saved
+    batch, length, kv_heads, groups, head_dim = d_result.shape
+    value_dtype = v.dtype
+    d_out = jnp.swapaxes(d_result, 1, 2).reshape(out.shape).astype(jnp.float32)
+    mask = _row_mask(allowed, kv_heads, groups)
+    row_dot = jnp.sum(d_out * out, axis=-1, keepdims=True)  # D, [B*K, T*G, 1]
+    d_probs = _batched_dot(d_out.astype(value_dtype), v, 2, 2)  # [B*K, T*G, S]
+    d_capped = probs * (d_probs - row_dot)
+    d_scaled = d_capped if tanh is None else d_capped * (1.0 - tanh * tanh)
+    d_z = jnp.where(mask, d_scaled, 0.0) * query_scale
+    d_q = _batched_dot(d_z, k.astype(jnp.float32), 2, 1)  # [B*K, T*G, H]
+    d_k = _batched_dot(d_z, q.astype(jnp.float32), 1, 1)  # [B*K, S, H]
+    d_v = _batched_dot(probs.astype(value_dtype), d_out.astype(value_dtype), 1, 1)  # [B*K, S, H]
+    d_queries = _from_rows(d_q, batch, kv_heads, groups)
+    d_keys = jnp.swapaxes(d_k.reshape(batch, kv_heads, -1, head_dim), 1, 2)
+    d_values = jnp.swapaxes(d_v.reshape(batch, kv_heads, -1, head_dim), 1, 2)
+    return d_queries.astype(q.dtype), d_keys.astype(k.dtype), d_values.astype(value_dtype), None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # ----------------------------------------------------------------------------
@@ -441,9 +604,12 @@ class Attention(nnx.Module):
         self.logit_cap = config.attn_logit_softcapping
 
     def project_kv(
-        self, x: jax.Array, positions: jax.Array, *, lora_enabled: bool, dropout_key: jax.Array | None
+        self, x: jax.Array, positions: jax.Array | Rotary, *, lora_enabled: bool, dropout_key: jax.Array | None
     ) -> tuple[jax.Array, jax.Array]:
-        """Keys (rotated) and values of new tokens: [B, T, K, H] each."""
+        """Keys (rotated) and values of new tokens: [B, T, K, H] each.
+
+        ``positions`` is int [B, T] or its ``Rotary`` tables.
+        """
         batch, length, _ = x.shape
         keys = self.k_proj(x, lora_enabled=lora_enabled, dropout_key=dropout_key)
         values = self.v_proj(x, lora_enabled=lora_enabled, dropout_key=dropout_key)
@@ -454,44 +620,43 @@ class Attention(nnx.Module):
     def attend(
         self,
         x: jax.Array,
-        positions: jax.Array,
+        positions: jax.Array | Rotary,
         keys: jax.Array,
         values: jax.Array,
         allowed: jax.Array,
         *,
         lora_enabled: bool,
         dropout_key: jax.Array | None,
+        suffix_of: int | None = None,
     ) -> jax.Array:
         """Attention output of the queries of ``x`` over given keys/values.
 
         Args:
             x: [B, T, D] normed input of the new tokens.
-            positions: [B, T].
+            positions: int [B, T], or its ``Rotary`` tables.
             keys: [B, S, K, H] rotated keys (new tokens included).
             values: [B, S, K, H].
             allowed: bool [B, T, S], which keys each query may see.
             lora_enabled: static.
             dropout_key: per-layer key or None.
+            suffix_of: static; the queries are the last T of a length-
+                ``suffix_of`` input (LoRA dropout masks follow that input's,
+                see ``lora.LoRALinear``); None: all of it.
 
         Returns:
             [B, T, D] compute dtype.
         """
         batch, length, _ = x.shape
         groups = self.num_heads // self.num_kv_heads
-        queries = self.q_proj(x, lora_enabled=lora_enabled, dropout_key=dropout_key)
+        lora_kwargs = dict(lora_enabled=lora_enabled, dropout_key=dropout_key, suffix_of=suffix_of)
+        queries = self.q_proj(x, **lora_kwargs)
         queries = queries.reshape(batch, length, self.num_heads, self.head_dim)
         queries = apply_rope(queries, positions, self.rope_theta)
         # Query head n = k * G + g uses kv head k (transformers' repeat_kv).
         queries = queries.reshape(batch, length, self.num_kv_heads, groups, self.head_dim)
-        logits = jnp.einsum("btkgh,bskh->bkgts", queries, keys, preferred_element_type=jnp.float32)
-        logits = softcap(logits * self.query_scale, self.logit_cap)
-        # A finite floor (not -inf) keeps fully masked rows (padding queries)
-        # finite: they become uniform and are never read.
-        logits = jnp.where(allowed[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, values)
+        out = attention(queries, keys, values, allowed, self.query_scale, self.logit_cap)
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
-        return self.o_proj(out, lora_enabled=lora_enabled, dropout_key=dropout_key)
+        return self.o_proj(out, **lora_kwargs)
 
 
 class MLP(nnx.Module):
@@ -511,10 +676,22 @@ class MLP(nnx.Module):
         self.up_proj = lora_lib.LoRALinear(d, f, target="up", **common)
         self.down_proj = lora_lib.LoRALinear(f, d, target="down", **common)
 
-    def __call__(self, x: jax.Array, *, lora_enabled: bool, dropout_key: jax.Array | None) -> jax.Array:
-        """[B, T, D] -> [B, T, D] in the compute dtype."""
-        kwargs = dict(lora_enabled=lora_enabled, dropout_key=dropout_key)
-        gate = jax.nn.gelu(self.gate_proj(x, **kwargs), approximate=True)
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        lora_enabled: bool,
+        dropout_key: jax.Array | None,
+        suffix_of: int | None = None,
+    ) -> jax.Array:
+        """[B, T, D] -> [B, T, D] in the compute dtype (``suffix_of`` as in ``Attention.attend``)."""
+        kwargs = dict(lora_enabled=lora_enabled, dropout_key=dropout_key, suffix_of=suffix_of)
+        gate = self.gate_proj(x, **kwargs)
+        # gelu_tanh is evaluated in float32 and rounded once, as PyTorch does
+        # for bfloat16 tensors (in float32 this is a no-op). Evaluated in
+        # bfloat16 op by op, XLA:CPU rounds after each of its ~10 steps,
+        # which is slower and less accurate.
+        gate = jax.nn.gelu(gate.astype(jnp.float32), approximate=True).astype(gate.dtype)
         return self.down_proj(gate * self.up_proj(x, **kwargs), **kwargs)
 
 
@@ -603,6 +780,7 @@ class Gemma2(nnx.Module):
         *,
         lora_enabled: bool = True,
         dropout_key: jax.Array | None = None,
+        num_outputs: int | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states of new tokens, optionally through a cache.
 
@@ -610,6 +788,13 @@ class Gemma2(nnx.Module):
         are written to slots ``end_index .. end_index + T - 1`` and attend to
         every earlier slot too; the caller must leave room (writes past the
         capacity are dropped).
+
+        ``num_outputs = n`` asks for the hidden states of the last n tokens
+        only (what prefill and scoring read). Every layer still sees all T
+        tokens, but the last layer's queries, attention output and MLP run on
+        the last n only (its keys and values, and the cache, cover all T):
+        for a 2-layer model that is almost half the work. The result equals
+        ``hidden[:, -n:]`` of the full call up to float rounding.
 
         Args:
             tokens: int [B, T].
@@ -620,14 +805,22 @@ class Gemma2(nnx.Module):
             lora_enabled: static; False runs the frozen base (reference model).
             dropout_key: PRNG key for LoRA dropout, or None for none. Layer l
                 uses ``fold_in(dropout_key, l)``.
+            num_outputs: static n in [1, T], or None for all T.
 
         Returns:
-            (hidden float32 [B, T, D], the updated cache or None).
+            (hidden float32 [B, n, D] (n = T by default), the updated cache or None).
+
+        Raises:
+            ValueError: if ``num_outputs`` is not None or an int in [1, T].
         """
         config = self.config
         chex.assert_rank([tokens, positions, attention_mask], 2)
         chex.assert_equal_shape([tokens, positions, attention_mask])
         batch, length = tokens.shape
+        if num_outputs is not None and not (
+            isinstance(num_outputs, int) and not isinstance(num_outputs, bool) and 1 <= num_outputs <= length
+        ):
+            raise ValueError(f"num_outputs must be None or an int in [1, {length}] (T), got {num_outputs!r}.")
         dtype = self.dtype
         # transformers multiplies by sqrt(D) cast to the weights' dtype.
         x = self.embed_tokens(tokens) * jnp.asarray(np.float32(math.sqrt(config.hidden_size)), dtype)
@@ -651,10 +844,12 @@ class Gemma2(nnx.Module):
         else:
             sliding_allowed = full_allowed
 
+        rotary = rotary_tables(positions, config.head_dim, config.rope_theta)
         layers_graphdef, layers_state = nnx.split(self.layers)
         xs = (layers_state, jnp.arange(config.num_hidden_layers), jnp.asarray(config.is_sliding))
 
-        def layer_step(carry, layer_xs):
+        def run_layer(carry, layer_xs, outputs):
+            """One decoder layer; ``outputs`` = n keeps only the last n rows."""
             x, cache_keys, cache_values = carry
             layer_state, layer_index, is_sliding = layer_xs
             layer = nnx.merge(layers_graphdef, layer_state)
@@ -663,21 +858,44 @@ class Gemma2(nnx.Module):
             allowed = jnp.where(is_sliding, sliding_allowed, full_allowed)
 
             normed = layer.input_layernorm(x).astype(dtype)
-            new_keys, new_values = layer.self_attn.project_kv(normed, positions, **lora_kwargs)
+            new_keys, new_values = layer.self_attn.project_kv(normed, rotary, **lora_kwargs)
             if cache_keys is None:
                 keys, values = new_keys, new_values
             else:
                 cache_keys = cache_keys.at[rows, layer_index, query_slots].set(new_keys)
                 cache_values = cache_values.at[rows, layer_index, query_slots].set(new_values)
                 keys, values = cache_keys[:, layer_index], cache_values[:, layer_index]
-            attn = layer.self_attn.attend(normed, positions, keys, values, allowed, **lora_kwargs)
+            query_rotary = rotary
+            if outputs is not None:
+                start = length - outputs
+                x, normed, allowed = x[:, start:], normed[:, start:], allowed[:, start:]
+                query_rotary = jax.tree.map(lambda table: table[:, start:], rotary)
+                lora_kwargs["suffix_of"] = length
+            attn = layer.self_attn.attend(normed, query_rotary, keys, values, allowed, **lora_kwargs)
             x = x + layer.post_attention_layernorm(attn).astype(dtype)
             mlp = layer.mlp(layer.pre_feedforward_layernorm(x).astype(dtype), **lora_kwargs)
             x = x + layer.post_feedforward_layernorm(mlp).astype(dtype)
-            return (x, cache_keys, cache_values), None
+            return x, cache_keys, cache_values
 
-        init = (x, None, None) if cache is None else (x, cache.keys, cache.values)
-        (x, cache_keys, cache_values), _ = jax.lax.scan(layer_step, init, xs)
+        def layer_step(carry, layer_xs):
+            return run_layer(carry, layer_xs, None), None
+
+        carry = (x, None, None) if cache is None else (x, cache.keys, cache.values)
+        num_layers = config.num_hidden_layers
+        trim_last = num_outputs is not None and num_outputs < length
+        scanned = num_layers - 1 if trim_last else num_layers
+        # Shallow models run as a Python loop: a scan's saved activations are
+        # stacked into [L, ...] buffers, and on CPU zeroing, filling and
+        # slicing those cost as much as a small layer itself. Deep models keep
+        # the scan (one layer compiled once).
+        if num_layers <= _MAX_UNROLLED_LAYERS:
+            for index in range(scanned):
+                carry = run_layer(carry, jax.tree.map(lambda a, i=index: a[i], xs), None)
+        elif scanned:
+            carry, _ = jax.lax.scan(layer_step, carry, jax.tree.map(lambda a: a[:scanned], xs))
+        if trim_last:
+            carry = run_layer(carry, jax.tree.map(lambda a: a[num_layers - 1], xs), num_outputs)
+        x, cache_keys, cache_values = carry
         hidden = self.norm(x)
 
         if cache is not None:
@@ -769,10 +987,17 @@ class Policy(nnx.Module):
         *,
         lora_enabled: bool = True,
         dropout_key: jax.Array | None = None,
+        num_outputs: int | None = None,
     ) -> ForwardOutput:
         """Hidden states of new tokens; see ``Gemma2.__call__`` for the arguments."""
         hidden, cache = self.model(
-            tokens, positions, attention_mask, cache, lora_enabled=lora_enabled, dropout_key=dropout_key
+            tokens,
+            positions,
+            attention_mask,
+            cache,
+            lora_enabled=lora_enabled,
+            dropout_key=dropout_key,
+            num_outputs=num_outputs,
         )
         return ForwardOutput(hidden=hidden, cache=cache)
 

@@ -167,7 +167,7 @@ def prefill(
     batch, length = prompt_ids.shape
     cache = gemma2.init_cache(policy.config, batch, length + max_new_tokens, policy.model.dtype)
     positions = gemma2.positions_from_mask(prompt_mask)
-    out = policy.forward(prompt_ids, positions, prompt_mask, cache, lora_enabled=lora_enabled)
+    out = policy.forward(prompt_ids, positions, prompt_mask, cache, lora_enabled=lora_enabled, num_outputs=1)
     return out.cache, out.hidden[:, -1]
 
 
@@ -334,10 +334,17 @@ def score_responses(
         key_model = key_value = None
     else:
         key_model, key_value = jax.random.split(dropout_key)
+    # Only the positions that predict response tokens are read: the last
+    # response_len + 1 outputs, less the final token's.
     out = policy.forward(
-        tokens, gemma2.positions_from_mask(mask), mask, lora_enabled=lora_enabled, dropout_key=key_model
+        tokens,
+        gemma2.positions_from_mask(mask),
+        mask,
+        lora_enabled=lora_enabled,
+        dropout_key=key_model,
+        num_outputs=response_len + 1,
     )
-    hidden = out.hidden[:, prompt_len - 1 : prompt_len - 1 + response_len]
+    hidden = out.hidden[:, :response_len]
     logits = policy.logits(hidden)
     return ScoreOutput(
         logprobs=token_log_probs(logits, response_ids),
