@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 STATE_ITEM = "state"
 META_ITEM = "meta"
@@ -29,7 +30,10 @@ class Checkpointer:
     """Saves and restores pytrees of arrays in `directory`, one step each."""
 
     def __init__(self, directory: str | pathlib.Path, max_to_keep: int = 2):
-        self.directory = pathlib.Path(directory).absolute()
+        # A URL (gs://bucket/run) is kept as one: on several hosts checkpoints
+        # need storage that every host sees.
+        is_url = "://" in str(directory)
+        self.directory = epath.Path(str(directory)) if is_url else pathlib.Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),

@@ -7,7 +7,12 @@ r"""moraljax entry point: train (and evaluate) one experiment config.
 Flags: --config (an ml_collections config file, with an optional ':ARG'
 variant and --config.x.y=... overrides), --workdir (default runs/<config
 name>[_<variant>]), --distributed (initialise jax.distributed first, for
-multi-host Cloud TPU / GPU clusters). Everything else lives in the library.
+multi-host Cloud TPU / GPU clusters; the coordinator is detected on Cloud TPU,
+SLURM, ..., or given by --coordinator_address, --num_processes, --process_id
+or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+variables), --checkpoint_dir (default <workdir>/checkpoints; on several hosts
+a directory all of them share, e.g. gs://bucket/run). Everything else lives in
+the library.
 """
 
 import pathlib
@@ -21,8 +26,27 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>[_<variant>]).")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (coordinator from the environment)."
+
+
+def _define_distributed_flags(flag_values: flags.FlagValues) -> tuple[flags.FlagHolder, ...]:
+    """--distributed and its coordinator flags, on `flag_values`."""
+    return (
+        flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (coordinator from flags,"
+                          " environment or cluster).", flag_values=flag_values),
+        flags.DEFINE_string("coordinator_address", None, "With --distributed: 'host:port' of process 0"
+                            " (default: detected).", flag_values=flag_values),
+        flags.DEFINE_integer("num_processes", None, "With --distributed: processes in the run.",
+                             flag_values=flag_values),
+        flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.",
+                             flag_values=flag_values),
+        flags.DEFINE_integer("distributed_timeout", 300, "With --distributed: seconds to wait for every"
+                             " process to join.", flag_values=flag_values),
+    )
+
+
+_define_distributed_flags(flags.FLAGS)  # For --help and validation; read early by _parse_flags.
+_CHECKPOINT_DIR = flags.DEFINE_string(
+    "checkpoint_dir", None, "Checkpoint directory (default <workdir>/checkpoints; shared by all hosts)."
 )
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
@@ -47,11 +71,8 @@ def _config_argument() -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax
-
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
     from moraljax import config_lib
+    from moraljax import distributed
     from moraljax import train
 
     # Orbax logs every checkpoint step at INFO; keep the console readable.
@@ -61,11 +82,10 @@ def main(argv):
     except (ValueError, NotImplementedError) as error:
         sys.exit(f"moraljax: bad config: {error}")
     workdir = pathlib.Path(_WORKDIR.value or default_workdir(_config_argument()))
-    if jax.process_index() == 0:
-        print(f"process {jax.process_index()}/{jax.process_count()}, {jax.device_count()} devices"
-              f" ({jax.devices()[0].platform}); workdir {workdir}")
+    if distributed.is_writer():
+        print(f"{distributed.topology()}; workdir {workdir}")
     try:
-        summary = train.train(cfg, workdir, progress=_PROGRESS.value)
+        summary = train.train(cfg, workdir, progress=_PROGRESS.value, checkpoint_dir=_CHECKPOINT_DIR.value)
     except (ValueError, FileNotFoundError) as error:  # Refused before any work.
         sys.exit(f"moraljax: {error}")
     if summary is not None:
@@ -73,9 +93,32 @@ def main(argv):
         print(f"outputs in {workdir}")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """Joins jax.distributed, then parses every flag.
+
+    jax.distributed.initialize must come before any JAX computation, and
+    loading the --config file imports modules that build arrays; so the
+    distribution flags are read first, on their own.
+    """
+    early = flags.FlagValues()
+    distributed_flag, *explicit_flags, timeout_flag = _define_distributed_flags(early)
+    early(argv, known_only=True)
+    explicit = [holder.value for holder in explicit_flags]
+    if not distributed_flag.value and any(v is not None for v in explicit):
+        sys.exit("moraljax: --coordinator_address/--num_processes/--process_id need --distributed")
+    if distributed_flag.value:
+        from moraljax import distributed  # Imports jax; starts no backend.
+
+        try:
+            distributed.initialize(distributed.settings_from(*explicit, timeout_s=timeout_flag.value))
+        except (ValueError, TimeoutError) as error:
+            sys.exit(f"moraljax: {error}")
+    return app.parse_flags_with_usage(argv)
+
+
 def run():
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

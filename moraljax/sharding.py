@@ -40,8 +40,9 @@ def make_mesh(
         num_learners: the learner count, for data = -1.
 
     Raises:
-        ValueError: when the mesh needs more devices than there are, or the
-            device count is not a multiple of the model axis.
+        ValueError: when the mesh needs more devices than there are, the
+            device count is not a multiple of the model axis, or (several
+            processes) the mesh cannot take as many devices from each process.
     """
     devices = list(jax.devices() if devices is None else devices)
     model = settings.model
@@ -59,11 +60,51 @@ def make_mesh(
     if data * model > len(devices):
         raise ValueError(
             f"mesh data={data} x model={model} needs {data * model} devices but"
-            f" only {len(devices)} are available ({jax.process_count()} process(es));"
+            f" only {len(devices)} are available ({_devices_per_process(devices)});"
             " allowed: data * model <= the device count."
         )
-    grid = np.asarray(devices[: data * model]).reshape(data, model)
+    grid = np.asarray(_take_from_every_process(devices, data * model)).reshape(data, model)
     return Mesh(grid, (DATA, MODEL))
+
+
+def _devices_per_process(devices: Sequence[jax.Device]) -> str:
+    """'2 process(es) with 1, 1 device(s)' for error messages."""
+    counts = [sum(d.process_index == p for d in devices) for p in range(jax.process_count())]
+    return f"{jax.process_count()} process(es) with {', '.join(map(str, counts))} device(s)"
+
+
+def _take_from_every_process(devices: Sequence[jax.Device], count: int) -> list[jax.Device]:
+    """The first `count` devices, the same number from every process.
+
+    With one process this is `devices[:count]`. With several, every process
+    runs the same program and must hold its part of the learner axis, so the
+    mesh takes count / P devices of each process, in process order (process
+    p then holds learners [p N / P, (p + 1) N / P)).
+
+    Raises:
+        ValueError: `count` does not split evenly over the processes, or a
+            process has too few of `devices`.
+    """
+    num_processes = jax.process_count()
+    if num_processes == 1:
+        return list(devices[:count])
+    if count % num_processes:
+        raise ValueError(
+            f"a mesh of {count} device(s) does not split over {num_processes} processes;"
+            f" allowed: data * model a multiple of {num_processes} (with mesh.data=-1: a learner"
+            f" count that is a multiple of {num_processes})."
+        )
+    per_process = count // num_processes
+    chosen = []
+    for process in range(num_processes):
+        own = [d for d in devices if d.process_index == process]
+        if len(own) < per_process:
+            raise ValueError(
+                f"the mesh needs {per_process} device(s) on each of {num_processes} processes but"
+                f" process {process} has {len(own)} ({_devices_per_process(devices)})."
+            )
+        chosen += own[:per_process]
+    return chosen
 
 
 def check_learners_fit(num_learners: int, mesh: Mesh) -> None:

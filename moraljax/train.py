@@ -35,6 +35,7 @@ import optax
 from flax import nnx
 
 from moraljax import config_lib
+from moraljax import distributed
 from moraljax import games
 from moraljax import opponents
 from moraljax import prompts
@@ -478,7 +479,8 @@ def _shares_text(metrics: dict[str, np.ndarray]) -> str:
 
 
 def train(cfg: config_lib.ExperimentConfig, workdir: str | pathlib.Path, *, progress: bool = True,
-          stop_after: int | None = None, devices=None) -> dict[str, Any] | None:
+          stop_after: int | None = None, devices=None,
+          checkpoint_dir: str | pathlib.Path | None = None) -> dict[str, Any] | None:
     """Trains (or resumes) a run in `workdir` and writes its outputs.
 
     Args:
@@ -488,7 +490,10 @@ def train(cfg: config_lib.ExperimentConfig, workdir: str | pathlib.Path, *, prog
         progress: show a progress bar with live action shares.
         stop_after: stop (with a checkpoint) once this many episodes are done,
             as if killed there; for tests of resumption.
-        devices: devices of the mesh (default all).
+        devices: devices of the mesh (default all, of every process).
+        checkpoint_dir: where orbax keeps checkpoints (default
+            workdir/checkpoints). With several hosts every process must see
+            the same directory (a shared file system, or gs://...).
 
     Returns:
         The summary (process 0), or None (other processes, or stopped early).
@@ -511,8 +516,13 @@ def train(cfg: config_lib.ExperimentConfig, workdir: str | pathlib.Path, *, prog
         f" {len(run.learner_info)} learners on a {dict(run.mesh.shape)} mesh,"
         f" prompts of {run.env.prompts.ids.shape[1]} tokens, {run.sampling.gen_len} generated tokens")
 
-    checkpointer = checkpointing.Checkpointer(workdir / "checkpoints")
+    checkpointer = checkpointing.Checkpointer(checkpoint_dir or workdir / "checkpoints")
     start = checkpointer.latest_step() or 0
+    # Hosts that each see their own local disk would resume from different
+    # episodes and deadlock in the first collective; refuse instead.
+    distributed.check_same_on_all_processes(
+        start, f"the episode to resume from in {checkpointer.directory}",
+        "the checkpoint directory must be shared by every host (e.g. --checkpoint_dir=gs://bucket/run).")
     if start:
         run.learners, _ = checkpointer.restore(start, run.learners)
         say(f"resumed from the checkpoint at episode {start} in {workdir}")
