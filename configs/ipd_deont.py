@@ -12,7 +12,8 @@ model, moraljax.config_lib.tiny_model_overrides applies (LoRA r8, lr 2e-3,
 beta 0.02, no dropout) and explains why.
 
 Paper's finding (SPEC 9): never defects against a cooperator: D|C near 0, a mix of C|C and D|D.
-Hardware/runtime: see README.md ("Results") for the measured figures.
+Measured (tiny model, this 2-core CPU, default command): 97 s; D|C 0.005, C|C 0.625, D|D 0.218 over the last 100 episodes.
+See README.md ("Results").
 """
 
 from moraljax import config_lib

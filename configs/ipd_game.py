@@ -12,7 +12,8 @@ model, moraljax.config_lib.tiny_model_overrides applies (LoRA r8, lr 2e-3,
 beta 0.02, no dropout) and explains why.
 
 Paper's finding (SPEC 9): converges to almost pure D|D vs TFT (defection >= 95% of decisions).
-Hardware/runtime: see README.md ("Results") for the measured figures.
+Measured (tiny model, this 2-core CPU, default command): 104 s; defection 0.973, illegal 0.012 over the last 100 episodes.
+See README.md ("Results").
 """
 
 from moraljax import config_lib

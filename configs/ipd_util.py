@@ -12,7 +12,8 @@ model, moraljax.config_lib.tiny_model_overrides applies (LoRA r8, lr 2e-3,
 beta 0.02, no dropout) and explains why.
 
 Paper's finding (SPEC 9): mostly cooperates (C|C about 80% vs TFT, capped by the random initial state).
-Hardware/runtime: see README.md ("Results") for the measured figures.
+Measured (tiny model, this 2-core CPU, default command): 167 s; cooperation 0.976, illegal 0.011 over the last 100 episodes.
+See README.md ("Results").
 """
 
 from moraljax import config_lib
