@@ -66,15 +66,7 @@ def main(argv):
 
     chunk_s = _best_time(chunk, _REPEATS.value)
 
-    settings = run.chunk_fn(episodes)  # Reuse the chunk's static settings.
-    del settings
-    chunk_settings = train.ChunkSettings(
-        batch_size=cfg.run.batch_size,
-        num_episodes=1,
-        sampling=run.sampling,
-        ppo=cfg.ppo,
-        stochastic=cfg.lora.dropout > 0 or cfg.model.value_head_dropout > 0,
-    )
+    chunk_settings = run.chunk_settings(1)
     learners = run.learners
     keys = jax.vmap(jax.random.fold_in)(learners.key, learners.episode)
 

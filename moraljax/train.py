@@ -314,16 +314,20 @@ class Run:
     base_config: gemma2.Gemma2Config
     _compiled: dict[int, Callable] = dataclasses.field(default_factory=dict)
 
+    def chunk_settings(self, num_episodes: int) -> ChunkSettings:
+        """Static settings of a chunk of `num_episodes` episodes."""
+        return ChunkSettings(
+            batch_size=self.cfg.run.batch_size,
+            num_episodes=num_episodes,
+            sampling=self.sampling,
+            ppo=self.cfg.ppo,
+            stochastic=self.cfg.lora.dropout > 0 or self.cfg.model.value_head_dropout > 0,
+        )
+
     def chunk_fn(self, num_episodes: int) -> Callable:
         """The jitted chunk for `num_episodes` episodes (compiled once per K)."""
         if num_episodes not in self._compiled:
-            settings = ChunkSettings(
-                batch_size=self.cfg.run.batch_size,
-                num_episodes=num_episodes,
-                sampling=self.sampling,
-                ppo=self.cfg.ppo,
-                stochastic=self.cfg.lora.dropout > 0 or self.cfg.model.value_head_dropout > 0,
-            )
+            settings = self.chunk_settings(num_episodes)
             learner_sh = sharding_lib.learner_sharding(self.mesh)
             output_sh = sharding_lib.chunk_output_sharding(self.mesh)
             self._compiled[num_episodes] = jax.jit(
