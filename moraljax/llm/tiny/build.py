@@ -14,19 +14,23 @@ What the script does, in order:
    ids 0..5 are <pad>, <eos>, <bos>, <unk>, <start_of_turn>, <end_of_turn>;
    then the 256 byte-fallback tokens <0x00>..<0xFF>; then printable ASCII
    and the other characters of the corpus; then the learnt merges. Blanks
-   become "▁" (no dummy prefix, no stripping), digits are always single
-   tokens (so "action1" is "action" + "1", and " action1" is "▁action" +
+   become "▁" (no dummy prefix, no stripping), a digit always starts a
+   token (so "action1" is "action" + "1", and " action1" is "▁action" +
    "1", as with Gemma-2's tokenizer), and the decoder turns "▁" back into
-   blanks and byte tokens back into bytes. Merges are learnt greedily
-   (most frequent adjacent pair, ties broken by the pair's text) on every
-   prompt moraljax renders (``prompts.py``: all games, both sides, both
-   action-string pairs, all table orders, all prompt families, with and
+   blanks and byte tokens back into bytes. Unlike Gemma's, merges cross
+   blanks and newlines, and a digit merges with the text that follows it
+   (never with what precedes it), so the prompts' fixed phrases are single
+   tokens and the structured IPD prompt is 27 tokens (Gemma-2: 215): the toy
+   stays cheap to train on a CPU (``PIECE_PATTERN``). Merges are learnt
+   greedily (most frequent adjacent pair, ties broken by the pair's text) on
+   every prompt moraljax renders (``prompts.py``: all games, both sides,
+   both action-string pairs, all table orders, all prompt families, with and
    without the value preambles). The chat template is
    ``prompts.GEMMA_CHAT_TEMPLATE``; like Gemma's, ``encode(text)`` with
    special tokens prepends <bos> (the prompt tables tokenise without them,
    since the template writes <bos> itself).
 2. Config (``tiny_config``): a 2-layer Gemma-2 (D 64, 2 query heads, 1 kv
-   head, head dim 32, MLP 256, sliding window 64 on layer 0, full attention
+   head, head dim 32, MLP 256, sliding window 24 on layer 0, full attention
    on layer 1, softcaps 50/30, tied embeddings).
 3. Training (``train_base``): full-parameter Adam from a random init, on
    soft targets, so the next-token distributions match the targets exactly
@@ -113,13 +117,19 @@ SPECIAL_TOKENS = (PAD, EOS, BOS, UNK, START_OF_TURN, END_OF_TURN)
 BYTE_TOKENS = tuple(f"<0x{byte:02X}>" for byte in range(256))
 # SentencePiece's visible blank.
 BLANK = "\u2581"
-# Pre-tokenisation into pieces that merges never cross: a run of blanks
-# glued to the word that follows it, a bare run of blanks, a run of
-# newlines, or one digit (SentencePiece's split_digits).
-PIECE_PATTERN = f"{BLANK}*[^{BLANK}\\n0-9]+|{BLANK}+|\\n+|[0-9]"
+# Pre-tokenisation into pieces that merges never cross: a digit and the
+# text up to the next digit, or a run of text before the first digit. So a
+# digit never merges with what precedes it ("action1" is "action" + "1", as
+# with Gemma-2's split digits), but it does merge with the phrase that
+# follows, and merges cross blanks and newlines, unlike Gemma's: the
+# structured IPD prompt is 27 tokens instead of ~180, which makes every
+# rollout and PPO update several times cheaper on a CPU, and each move of the
+# state is a token of its own ("1 and they played action" after "you played
+# action"), which a 2-layer model reads reliably.
+PIECE_PATTERN = "[0-9][^0-9]*|[^0-9]+"
 # Total vocabulary size aimed at; merges stop earlier when no pair occurs
 # twice.
-VOCAB_SIZE = 1024
+VOCAB_SIZE = 2048
 
 # Short answers of the kind chat models give when they ignore a format; they
 # put tokens such as "I", "choose" and "**" into the vocabulary, which the
@@ -262,8 +272,9 @@ def recall_prompt_specs(
 def tokenizer_corpus(specs: Sequence[PromptSpec]) -> list[str]:
     """Texts the BPE merges are learnt from (special tokens left out).
 
-    Each prompt appears as the chat template lays it out, with one legal
-    answer; a few chatty answers of each action pair follow.
+    Each prompt appears as the chat template lays it out (its segments
+    between special tokens), with one legal answer; a few chatty answers of
+    each action pair follow.
 
     Args:
         specs: the prompts.
@@ -271,8 +282,12 @@ def tokenizer_corpus(specs: Sequence[PromptSpec]) -> list[str]:
     Returns:
         The corpus.
     """
-    texts = [f"user\n{spec.text.strip()}\nmodel\n{spec.actions[0]}\n"
-             for spec in specs]
+    # The chat template's special tokens split a prompt into "user\n" + text,
+    # "\n" and "model\n"; merges never cross them.
+    texts = []
+    for spec in specs:
+        texts.extend([f"user\n{spec.text.strip()}", "\n", "model\n",
+                      spec.actions[0]])
     for actions in sorted({spec.actions for spec in specs}):
         texts.extend(_pair_texts(actions))
     return texts
@@ -412,7 +427,7 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int = VOCAB_SIZE):
 def tiny_config(vocab_size: int) -> gemma2.Gemma2Config:
     """The tiny Gemma-2 architecture.
 
-    Gemma-2's layout in miniature: layer 0 slides (window 64, shorter than
+    Gemma-2's layout in miniature: layer 0 slides (window 24, shorter than
     every prompt, so the sliding path is exercised), layer 1 attends fully;
     grouped-query attention (2 query heads share 1 kv head); the queries are
     scaled by head_dim^-1/2 like Gemma-2-2b (query_pre_attn_scalar = H).
@@ -432,7 +447,7 @@ def tiny_config(vocab_size: int) -> gemma2.Gemma2Config:
         num_key_value_heads=1,
         head_dim=32,
         layer_types=(gemma2.SLIDING, gemma2.FULL),
-        sliding_window=64,
+        sliding_window=24,
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
         query_pre_attn_scalar=32,
@@ -626,7 +641,7 @@ class TrainConfig:
         log_every: steps per compiled chunk (a loss is logged after each).
     """
 
-    steps: int = 1200
+    steps: int = 3000
     batch_size: int = 16
     learning_rate: float = 3e-3
     warmup_steps: int = 50
