@@ -180,7 +180,12 @@ def plan_sweep(
     for config_arg in configs:
         config = load_config(config_arg, overrides)
         cfg = config_lib.experiment_from_config_dict(config)
-        condition = config_lib.Condition(reward=cfg.reward, opponent=cfg.opponent.name).name
+        if len(cfg.all_conditions()) != 1:
+            raise ValueError(
+                f"config={config_arg!r} trains {len(cfg.all_conditions())} conditions; allowed: configs of one"
+                " condition each (pass one --config per condition)."
+            )
+        condition = cfg.all_conditions()[0].name
         if condition in conditions:
             raise ValueError(
                 f"config={config_arg!r} trains {condition!r}, as config={conditions[condition]!r}"

@@ -274,7 +274,12 @@ class MeshSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """Everything one training run needs, validated."""
+    """Everything one training run needs, validated.
+
+    `conditions` trains several conditions (rewards, schedules, opponents) in
+    one program, each with every seed. Empty means one condition, made of
+    `reward` and `opponent`; when `conditions` is given those two are unused.
+    """
 
     game: GameSettings
     opponent: OpponentSettings
@@ -285,9 +290,34 @@ class ExperimentConfig:
     ppo: Any  # moraljax.rl.ppo.PPOConfig
     run: RunSettings
     mesh: MeshSettings
+    conditions: tuple[Condition, ...] = ()
 
     def __post_init__(self):
         self.ppo.mini_batch_size(self.run.batch_size)  # raises if it does not divide
+        names = [condition.name for condition in self.all_conditions()]
+        if len(set(names)) != len(names):
+            _fail("conditions", names, "distinct conditions (reward schedule and opponent)")
+
+    def all_conditions(self) -> tuple[Condition, ...]:
+        """The conditions trained: `conditions`, or the one of reward/opponent."""
+        return self.conditions or (Condition(reward=self.reward, opponent=self.opponent.name),)
+
+
+def _conditions_from(values: Any) -> tuple[Condition, ...]:
+    """Parses the `conditions` section: [{"reward": {...} | name, "opponent": name}, ...]."""
+    if not isinstance(values, (list, tuple)):
+        _fail("conditions", values, "a list of {reward: ..., opponent: ...} entries")
+    conditions = []
+    for index, item in enumerate(values):
+        prefix = f"conditions[{index}]."
+        if not isinstance(item, dict) or set(item) != {"reward", "opponent"}:
+            _fail(f"conditions[{index}]", item, "a dict with exactly the keys reward and opponent")
+        reward = item["reward"]
+        if isinstance(reward, str):
+            reward = {"name": reward}
+        conditions.append(Condition(
+            reward=settings_from_dict(RewardSettings, reward, prefix + "reward."), opponent=item["opponent"]))
+    return tuple(conditions)
 
 
 def experiment_from_config_dict(config: ml_collections.ConfigDict | dict) -> ExperimentConfig:
@@ -311,10 +341,10 @@ def experiment_from_config_dict(config: ml_collections.ConfigDict | dict) -> Exp
         "run": RunSettings,
         "mesh": MeshSettings,
     }
-    unknown = sorted(set(values) - set(sections))
+    unknown = sorted(set(values) - set(sections) - {"conditions"})
     if unknown:
         raise ValueError(
-            f"unknown config section(s) {unknown}; allowed: {sorted(sections)}."
+            f"unknown config section(s) {unknown}; allowed: {sorted(sections) + ['conditions']}."
         )
     built = {}
     for name, cls in sections.items():
@@ -322,7 +352,7 @@ def experiment_from_config_dict(config: ml_collections.ConfigDict | dict) -> Exp
         if isinstance(section, str):  # `config.game = "IPD"` shorthand.
             section = {"name": section}
         built[name] = settings_from_dict(cls, section, f"{name}.")
-    return ExperimentConfig(**built)
+    return ExperimentConfig(**built, conditions=_conditions_from(values.get("conditions", ())))
 
 
 def parse_variant(arg: str | None, defaults: dict[str, str], allowed: dict[str, Sequence[str] | None]) -> dict[str, str]:

@@ -263,9 +263,10 @@ class ModelSpec:
     """One evaluated model (a row of the model axis M).
 
     Attributes:
-        name: "seed<s>", "base" or "base+<preamble>".
-        kind: FINE_TUNED, BASE or "base+<preamble>"; runs of a kind are
-            averaged together.
+        name: "seed<s>" ("<kind>/seed<s>" for a labelled kind), "base" or
+            "base+<preamble>".
+        kind: FINE_TUNED (or a label such as the training condition), BASE
+            or "base+<preamble>"; runs of a kind are averaged together.
         seed: the training seed (fine-tuned models), else None.
         code: folded into the sampling keys (1 + seed, or 0 for the base).
         preamble: a prompts.VALUE_PREAMBLES name, or None.
@@ -644,11 +645,18 @@ def matrix_prompt_tables(
     return stacked, {key: row for row, key in enumerate(keys)}
 
 
-def _model_specs(seeds: Sequence[int], include_base: bool, value_preambles: Sequence[str]) -> list[ModelSpec]:
+def _model_specs(seeds: Sequence[int], kinds: Sequence[str], include_base: bool,
+                 value_preambles: Sequence[str]) -> list[ModelSpec]:
     seeds = [int(s) for s in seeds]
-    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
-        _fail("seeds", seeds, "distinct integers >= 0, one per fine-tuned model")
-    models = [ModelSpec(f"seed{s}", FINE_TUNED, s, 1 + s, None) for s in seeds]
+    if len(set(zip(kinds, seeds))) != len(seeds) or any(s < 0 for s in seeds):
+        _fail("seeds", seeds, "integers >= 0, one per fine-tuned model, distinct within a kind")
+    reserved = {BASE} | {f"base+{v}" for v in value_preambles}
+    if reserved & set(kinds):
+        _fail("kinds", sorted(set(kinds)), f"labels other than {', '.join(sorted(reserved))}")
+    # Models of different kinds with the same seed share sampling keys:
+    # common random numbers make conditions directly comparable.
+    models = [ModelSpec(f"seed{s}" if kind == FINE_TUNED else f"{kind}/seed{s}", kind, s, 1 + s, None)
+              for kind, s in zip(kinds, seeds)]
     if include_base:
         models.append(ModelSpec(BASE, BASE, None, BASE_MODEL_CODE, None))
         models += [ModelSpec(f"base+{v}", f"base+{v}", None, BASE_MODEL_CODE, v) for v in value_preambles]
@@ -663,6 +671,7 @@ def evaluate_policies(
     settings: EvalSettings,
     *,
     seeds: Sequence[int] | None = None,
+    kinds: Sequence[str] | None = None,
     include_base: bool = True,
     choose_actions: ChooseFn | None = None,
     progress: Callable[[str], None] | None = None,
@@ -683,6 +692,9 @@ def evaluate_policies(
         settings: the suite.
         seeds: the N training seeds (names and sampling keys); default
             0..N-1.
+        kinds: a label per fine-tuned model, e.g. its training condition;
+            tables and figures average the runs of each kind. Default
+            FINE_TUNED for all.
         include_base: add the base and value-prompted base models.
         choose_actions: replaces the model's sampling (`sample_choice`),
             e.g. by a fixed policy in tests; the protocol, state and regret
@@ -703,7 +715,10 @@ def evaluate_policies(
     seeds = list(range(num_fine_tuned)) if seeds is None else list(seeds)
     if len(seeds) != num_fine_tuned:
         _fail("seeds", seeds, f"{num_fine_tuned} seeds, one per model of `trainable`")
-    models = _model_specs(seeds, include_base, settings.value_preambles)
+    kinds = [FINE_TUNED] * num_fine_tuned if kinds is None else list(kinds)
+    if len(kinds) != num_fine_tuned or not all(isinstance(k, str) and k for k in kinds):
+        _fail("kinds", kinds, f"{num_fine_tuned} non-empty labels, one per model of `trainable`")
+    models = _model_specs(seeds, kinds, include_base, settings.value_preambles)
     num_base_rows = len(models) - num_fine_tuned
     params = jax.tree.map(
         lambda x: jnp.concatenate([jnp.asarray(x), jnp.zeros((num_base_rows,) + np.shape(x)[1:], x.dtype)]),
@@ -1190,14 +1205,18 @@ def evaluate_workdir(
     agents = [info for info in run.learner_info if info["player"] == 0]
     index = np.asarray([info["learner"] for info in agents])
     trainable = jax.tree.map(lambda x: x[index], learners.trainable)
-    condition = agents[0]["condition"]
-    say(f"evaluating {len(agents)} fine-tuned model(s) of {condition} (episode {step}) and the base model")
+    conditions = list(dict.fromkeys(info["condition"] for info in agents))
+    # One condition: its models are "fine_tuned"; several (one program of a
+    # run matrix): each model is labelled with its condition.
+    kinds = [FINE_TUNED if len(conditions) == 1 else info["condition"] for info in agents]
+    say(f"evaluating {len(agents)} fine-tuned model(s) of {', '.join(conditions)} (episode {step})"
+        " and the base model")
     results = evaluate_policies(
         run.graphdef, run.frozen, trainable, run.tokenizer, settings,
-        seeds=[info["seed"] for info in agents], progress=say,
+        seeds=[info["seed"] for info in agents], kinds=kinds, progress=say,
     )
     out_dir = pathlib.Path(out_dir) if out_dir is not None else workdir / EVALUATION_DIRNAME
-    meta = {"workdir": str(workdir), "condition": condition, "checkpoint_episode": int(step),
+    meta = {"workdir": str(workdir), "condition": ", ".join(conditions), "checkpoint_episode": int(step),
             "model_path": cfg.model.path or "built-in tiny model"}
     summary = write_outputs(results, run.tokenizer, settings, out_dir, meta=meta)
     say(f"outputs in {out_dir}")

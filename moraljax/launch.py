@@ -11,8 +11,9 @@ multi-host Cloud TPU / GPU clusters; the coordinator is detected on Cloud TPU,
 SLURM, ..., or given by --coordinator_address, --num_processes, --process_id
 or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
 variables), --checkpoint_dir (default <workdir>/checkpoints; on several hosts
-a directory all of them share, e.g. gs://bucket/run). Everything else lives in
-the library.
+a directory all of them share, e.g. gs://bucket/run). A suite config
+(configs/paper.py: several training programs, their evaluation and a report,
+moraljax/paper.py) runs on one process. Everything else lives in the library.
 """
 
 import pathlib
@@ -73,15 +74,27 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from moraljax import config_lib
     from moraljax import distributed
+    from moraljax import paper
     from moraljax import train
 
     # Orbax logs every checkpoint step at INFO; keep the console readable.
     logging.set_verbosity(logging.WARNING)
+    workdir = pathlib.Path(_WORKDIR.value or default_workdir(_config_argument()))
+    if paper.is_suite_config(_CONFIG.value):  # configs/paper.py: several programs, evaluation, report.
+        try:
+            suite = paper.suite_from_config_dict(_CONFIG.value)
+        except (ValueError, NotImplementedError) as error:
+            sys.exit(f"moraljax: bad config: {error}")
+        try:
+            paper.run_suite(suite, workdir, progress=_PROGRESS.value)
+        except (ValueError, FileNotFoundError) as error:  # Refused before any work.
+            sys.exit(f"moraljax: {error}")
+        print((workdir / paper.REPORT_FILENAME).read_text())
+        return
     try:
         cfg = config_lib.experiment_from_config_dict(_CONFIG.value)
     except (ValueError, NotImplementedError) as error:
         sys.exit(f"moraljax: bad config: {error}")
-    workdir = pathlib.Path(_WORKDIR.value or default_workdir(_config_argument()))
     if distributed.is_writer():
         print(f"{distributed.topology()}; workdir {workdir}")
     try:

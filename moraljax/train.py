@@ -229,8 +229,15 @@ def train_chunk(
 
 
 def resolved_config(cfg: config_lib.ExperimentConfig) -> dict[str, Any]:
-    """The validated config as plain JSON-able data (written to config.json)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    """The validated config as plain JSON-able data (written to config.json).
+
+    `conditions` is left out when empty (one condition, from reward and
+    opponent), so single-condition workdirs read the same as before it existed.
+    """
+    resolved = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    if not resolved["conditions"]:
+        del resolved["conditions"]
+    return resolved
 
 
 def check_workdir(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
@@ -383,13 +390,13 @@ def build_run(
     """Loads the base model, renders the prompts and builds fresh learners.
 
     Learners are conditions x seeds (x 2 players against an LLM opponent),
-    condition-major: by default the one condition of `cfg`; `conditions`
-    trains several in the same program (rewards, schedules and opponents are
-    data on the learner axis). All validation that does not need the model
-    happens before it is loaded.
+    condition-major: by default `cfg.all_conditions()`; `conditions`
+    overrides them (rewards, schedules and opponents are data on the learner
+    axis, so any mix trains in one program). All validation that does not
+    need the model happens before it is loaded.
     """
     if conditions is None:
-        conditions = [config_lib.Condition(reward=cfg.reward, opponent=cfg.opponent.name)]
+        conditions = list(cfg.all_conditions())
     setups, info = [], []
     for condition in conditions:
         for seed in cfg.run.seeds:

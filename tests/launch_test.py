@@ -42,3 +42,13 @@ def test_missing_model_directory_is_named(tmp_path):
     assert result.returncode != 0
     assert "model.path='/no/such/gemma' is not a directory" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_paper_suite_refuses_bad_settings_before_any_work(tmp_path):
+    result = _launch(tmp_path, "--config=configs/paper.py", "--config.programs.vs_llm.run.batch_size=0")
+    assert result.returncode != 0
+    assert "programs.vs_llm: run.batch_size=0 is not allowed" in result.stderr
+    result = _launch(tmp_path, "--config=configs/paper.py:model=/no/such/gemma")
+    assert result.returncode != 0
+    assert "model.path='/no/such/gemma' is not a directory" in result.stderr
+    assert not (tmp_path / "run").exists()

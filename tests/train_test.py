@@ -29,6 +29,7 @@ def shares(action_types, window):
     return {
         "C": np.isin(types, (0, 1)).sum() / total,
         "D": np.isin(types, (2, 3)).sum() / total,
+        "C|C": (types == 0).sum() / total,
         "D|C": (types == 2).sum() / total,
         "illegal": np.isin(types, (4, 5)).sum() / total,
     }
@@ -71,6 +72,23 @@ def test_deontological_stops_defecting_against_cooperators(learning_run):
     end = shares(learning_run[:, 2], slice(-50, None))
     print("deont", start, end)
     assert end["D|C"] < 0.05 < start["D|C"]
+
+
+def test_llm_pair_learns_to_cooperate_under_utilitarian():
+    # SPEC 3: two learners over one base play each other (3 decisions an
+    # episode), each updated on its own decisions and rewards.
+    cfg = experiment(tiny_config("util", "opponent=llm", seeds=(1,), num_episodes=200, episodes_per_chunk=100))
+    run = train.build_run(cfg)
+    assert [(i["player"], i["condition"]) for i in run.learner_info] == [(0, "util_vs_llm"), (1, "util_vs_llm")]
+    types = np.concatenate([run.advance(100)[0]["action_type"] for _ in range(2)])  # [E, 2, 3]
+    for player in (0, 1):
+        start = shares(types[:, player], slice(0, 20))
+        end = shares(types[:, player], slice(-50, None))
+        print(f"player {player}", start, end)
+        assert end["illegal"] < start["illegal"]
+        # Both cooperating: only a random first state of C|D is left.
+        assert end["C|C"] >= 0.7
+        assert end["C"] >= 0.95
 
 
 def test_resumed_run_equals_uninterrupted(tmp_path):
@@ -138,6 +156,12 @@ def test_eight_devices_match_one(tmp_path):
         (lambda c: (c.mesh.update(data=8), c.run.update(seeds=(1, 2, 3))),
          "3 learners do not divide over mesh.data=8"),
         (lambda c: c.reward.update(switch_to="deont", switch_episode=2), "reward.switch_episode=2"),
+        (lambda c: setattr(c, "conditions", [{"reward": "util", "opponent": "tft"}] * 2),
+         "distinct conditions"),
+        (lambda c: setattr(c, "conditions", [{"reward": "util"}]), "conditions.0.=.*keys reward and opponent"),
+        (lambda c: setattr(c, "conditions", [{"reward": "utility", "opponent": "tft"}]), "'utility'"),
+        (lambda c: setattr(c, "conditions", [{"reward": {"name": "game", "switch_to": "util", "switch_episode": 9},
+                                              "opponent": "tft"}]), "reward.switch_episode=9"),
     ],
 )
 def test_bad_settings_fail_before_compiling(tmp_path, mutate, message):
