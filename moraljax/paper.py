@@ -461,7 +461,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     verdicts = [f["verdict"] for f in report["findings"]]
     lines = [
         "# moraljax: the paper's run matrix", "",
-        f"Model: {report['model']}. Wall time: {report['total_s']:.0f} s in total ("
+        f"Model: {report['model']}. Wall time of this command (finished programs are only re-read): "
+        f"{report['total_s']:.0f} s ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items()) + ").", "",
         f"Findings of the paper (SPEC 9): {verdicts.count(REPRODUCED)} reproduced, {verdicts.count(PARTLY)} partly, "
         f"{verdicts.count(NOT_REPRODUCED)} not reproduced.", "",
