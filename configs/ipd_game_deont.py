@@ -13,7 +13,8 @@ model, moraljax.config_lib.tiny_model_overrides applies (LoRA r8, lr 1e-3,
 beta 0.05, no dropout) and explains why.
 
 Paper's finding (SPEC 9): a mixture of C|C and D|D, little D|C.
-Hardware/runtime: see README.md ("Results") for the measured figures.
+Measured (tiny model, this 2-core CPU, default command): 50 s; C|C 0.669, D|D 0.211,
+D|C 0.001, illegal 0.002 over the last 100 episodes (seeds differ: D|D 0.0 to 0.54).
 """
 
 from moraljax import config_lib

@@ -13,7 +13,8 @@ model, moraljax.config_lib.tiny_model_overrides applies (LoRA r8, lr 1e-3,
 beta 0.05, no dropout) and explains why.
 
 Paper's finding (SPEC 9): D|D first, then toward C|C after the switch, not as far as pure De training.
-Hardware/runtime: see README.md ("Results") for the measured figures.
+Measured (tiny model, this 2-core CPU, default command): 46 s; D|D 0.79 in the 50 episodes
+before the switch, then C|C 0.749, D|D 0.038, D|C 0.015 over the last 100 episodes (pure De: C|C 0.793).
 """
 
 from moraljax import config_lib
