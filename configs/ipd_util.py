@@ -4,13 +4,8 @@ r"""Iterated prisoner's dilemma, Utilitarian reward (sum of both payoffs).
     python -m moraljax.launch --config=configs/ipd_util.py:opponent=ad
     python -m moraljax.launch --config=configs/ipd_util.py:model=/path/to/gemma-2-2b-it
 
-Variants (ARG after ':'): opponent=tft|ac|ad|random|llm (default tft; llm: a second
-learner of the same condition, 3 decisions per episode),
-model=tiny|<local Gemma2 directory> (default: the built-in tiny model).
-Defaults are the paper's: 1000 episodes of 5 decisions, seeds 1, 2, 3, 5, 6,
-LoRA r64/alpha 32, PPO lr 1.41e-5, adaptive KL from beta 0.2. With the tiny
-model, moraljax.config_lib.tiny_model_overrides applies (LoRA r8, lr 1e-3,
-beta 0.05, no dropout) and explains why.
+Variants (ARG after ':'), defaults and the tiny model's settings: see
+moraljax.config_lib.experiment_config.
 
 Paper's finding (SPEC 9): mostly cooperates (C|C about 80% vs TFT, capped by the random initial state).
 Measured (tiny model, this 2-core CPU, default command): 49 s; cooperation 0.996 (every seed

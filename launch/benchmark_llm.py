@@ -20,7 +20,6 @@ model TFLOP/s estimated as 2 x (non-embedding parameters + LM head) per token
 (attention score FLOPs excluded). Nothing is asserted.
 """
 
-import pathlib
 import time
 
 import jax
@@ -33,6 +32,8 @@ from flax import nnx
 from moraljax.llm import gemma2
 from moraljax.llm import lora as lora_lib
 from moraljax.llm import sampling
+from moraljax.llm import tiny
+from moraljax.llm.tiny import build as tiny_build
 
 _BIG = flags.DEFINE_bool("big", False, "Also benchmark a random model with Gemma-2-2b's shapes (bf16).")
 _SKIP_TINY = flags.DEFINE_bool("skip_tiny", False, "Skip the tiny model.")
@@ -43,20 +44,9 @@ _GEN_LEN = flags.DEFINE_integer("gen_len", 16, "Tokens generated per prompt in t
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls (the best is reported).")
 _LORA_ENABLED = flags.DEFINE_bool("lora_enabled", True, "Run with the adapter on (policy) or off (reference).")
 
-TINY_CHECKPOINT = pathlib.Path(__file__).resolve().parents[1] / "moraljax" / "llm" / "tiny" / "checkpoint"
-
-RANDOM_TINY_CONFIG = gemma2.Gemma2Config(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=32,
-    layer_types=(gemma2.SLIDING, gemma2.FULL),
-    sliding_window=64,
-    query_pre_attn_scalar=32,
-)
+# The built-in tiny model's architecture with random weights and a 512-token
+# vocabulary (the prompts here are random ids).
+RANDOM_TINY_CONFIG = tiny_build.tiny_config(vocab_size=512)
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -123,10 +113,10 @@ def benchmark(name: str, policy: gemma2.Policy) -> None:
 
 def tiny_policy() -> tuple[str, gemma2.Policy]:
     """The built-in tiny checkpoint, or a random model of the same scale."""
-    if (TINY_CHECKPOINT / "config.json").is_file():
+    if (tiny.CHECKPOINT_DIR / "config.json").is_file():
         from moraljax.llm import checkpoints  # Imports transformers: keep it late.
 
-        policy, _ = checkpoints.load_hf_model(TINY_CHECKPOINT, key=jax.random.key(0))
+        policy, _ = checkpoints.load_hf_model(tiny.CHECKPOINT_DIR, key=jax.random.key(0))
         return "tiny (built-in)", policy
     return "tiny (random)", gemma2.init_policy(RANDOM_TINY_CONFIG, key=jax.random.key(0))
 

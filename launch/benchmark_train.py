@@ -23,7 +23,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 
 from moraljax import config_lib
 from moraljax import train

@@ -22,26 +22,33 @@ from moraljax import opponents
 from moraljax import rewards
 
 
-def _fail(field: str, value: Any, allowed: str) -> None:
+def fail(field: str, value: Any, allowed: str) -> None:
+    """Raises the project's error for a bad setting: the field, its value, what is allowed."""
     raise ValueError(f"{field}={value!r} is not allowed; expected {allowed}.")
 
 
 def check_finite(field: str, value: float) -> None:
     """Refuses NaN/inf and non-numbers for `field`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(field, value, "a finite number")
+        fail(field, value, "a finite number")
     if not math.isfinite(value):
-        _fail(field, value, "a finite number")
+        fail(field, value, "a finite number")
+
+
+def check_int(field: str, value: Any, minimum: int) -> None:
+    """Refuses non-integers (bools included) and integers below `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        fail(field, value, f"an integer >= {minimum}")
 
 
 def check_positive_int(field: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        _fail(field, value, "a positive integer")
+        fail(field, value, "a positive integer")
 
 
 def check_choice(field: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        _fail(field, value, "one of " + ", ".join(repr(a) for a in allowed))
+        fail(field, value, "one of " + ", ".join(repr(a) for a in allowed))
 
 
 # Table-order variants of the structured prompt (SPEC section 8). Kept here
@@ -139,11 +146,11 @@ class PromptSettings:
     def __post_init__(self):
         actions = tuple(self.actions)
         if len(actions) != 2 or not all(isinstance(a, str) for a in actions):
-            _fail("prompt.actions", self.actions, "two strings, C's first")
+            fail("prompt.actions", self.actions, "two strings, C's first")
         if any(not a.strip() for a in actions):
-            _fail("prompt.actions", self.actions, "two non-empty strings")
+            fail("prompt.actions", self.actions, "two non-empty strings")
         if actions[0] == actions[1]:
-            _fail("prompt.actions", self.actions, "two different strings")
+            fail("prompt.actions", self.actions, "two different strings")
         object.__setattr__(self, "actions", actions)
         check_choice("prompt.table_order", self.table_order, TABLE_ORDERS)
 
@@ -204,17 +211,17 @@ class ModelSettings:
         check_choice("model.param_dtype", self.param_dtype, PARAM_DTYPES)
         check_finite("model.temperature", self.temperature)
         if self.temperature <= 0:
-            _fail("model.temperature", self.temperature, "a number > 0")
+            fail("model.temperature", self.temperature, "a number > 0")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            _fail("model.top_k", self.top_k, "an integer >= 0 (0 = off)")
+            fail("model.top_k", self.top_k, "an integer >= 0 (0 = off)")
         check_finite("model.top_p", self.top_p)
         if not 0 < self.top_p <= 1:
-            _fail("model.top_p", self.top_p, "a number in (0, 1] (1 = off)")
+            fail("model.top_p", self.top_p, "a number in (0, 1] (1 = off)")
         if isinstance(self.gen_len, bool) or not isinstance(self.gen_len, int) or self.gen_len < 0:
-            _fail("model.gen_len", self.gen_len, "an integer >= 0 (0 = action length)")
+            fail("model.gen_len", self.gen_len, "an integer >= 0 (0 = action length)")
         check_finite("model.value_head_dropout", self.value_head_dropout)
         if not 0 <= self.value_head_dropout < 1:
-            _fail("model.value_head_dropout", self.value_head_dropout, "a number in [0, 1)")
+            fail("model.value_head_dropout", self.value_head_dropout, "a number in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,11 +252,11 @@ class RunSettings:
         check_positive_int("run.checkpoint_every", self.checkpoint_every)
         seeds = tuple(self.seeds) if isinstance(self.seeds, (list, tuple)) else self.seeds
         if not isinstance(seeds, tuple) or not seeds:
-            _fail("run.seeds", self.seeds, "a non-empty list of integers")
+            fail("run.seeds", self.seeds, "a non-empty list of integers")
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-            _fail("run.seeds", self.seeds, "integers >= 0")
+            fail("run.seeds", self.seeds, "integers >= 0")
         if len(set(seeds)) != len(seeds):
-            _fail("run.seeds", self.seeds, "distinct integers")
+            fail("run.seeds", self.seeds, "distinct integers")
         object.__setattr__(self, "seeds", seeds)
 
 
@@ -268,7 +275,7 @@ class MeshSettings:
         if isinstance(self.data, bool) or not isinstance(self.data, int) or (
             self.data < 1 and self.data != -1
         ):
-            _fail("mesh.data", self.data, "a positive integer or -1 (all devices)")
+            fail("mesh.data", self.data, "a positive integer or -1 (all devices)")
         check_positive_int("mesh.model", self.model)
 
 
@@ -296,7 +303,7 @@ class ExperimentConfig:
         self.ppo.mini_batch_size(self.run.batch_size)  # raises if it does not divide
         names = [condition.name for condition in self.all_conditions()]
         if len(set(names)) != len(names):
-            _fail("conditions", names, "distinct conditions (reward schedule and opponent)")
+            fail("conditions", names, "distinct conditions (reward schedule and opponent)")
 
     def all_conditions(self) -> tuple[Condition, ...]:
         """The conditions trained: `conditions`, or the one of reward/opponent."""
@@ -306,12 +313,12 @@ class ExperimentConfig:
 def _conditions_from(values: Any) -> tuple[Condition, ...]:
     """Parses the `conditions` section: [{"reward": {...} | name, "opponent": name}, ...]."""
     if not isinstance(values, (list, tuple)):
-        _fail("conditions", values, "a list of {reward: ..., opponent: ...} entries")
+        fail("conditions", values, "a list of {reward: ..., opponent: ...} entries")
     conditions = []
     for index, item in enumerate(values):
         prefix = f"conditions[{index}]."
         if not isinstance(item, dict) or set(item) != {"reward", "opponent"}:
-            _fail(f"conditions[{index}]", item, "a dict with exactly the keys reward and opponent")
+            fail(f"conditions[{index}]", item, "a dict with exactly the keys reward and opponent")
         reward = item["reward"]
         if isinstance(reward, str):
             reward = {"name": reward}
@@ -379,7 +386,7 @@ def parse_variant(arg: str | None, defaults: dict[str, str], allowed: dict[str, 
                 + ", ".join(f"{k}=" + ("|".join(v) if v else "...") for k, v in allowed.items())
             )
         if allowed[key] is not None and value not in allowed[key]:
-            _fail(f"config variant {key}", value, "one of " + ", ".join(allowed[key]))
+            fail(f"config variant {key}", value, "one of " + ", ".join(allowed[key]))
         result[key] = value
     return result
 
@@ -424,6 +431,15 @@ def experiment_config(
     switch_episode: int = 0,
 ) -> ml_collections.ConfigDict:
     """The paper's experiment (SPEC 6, 7) as a ConfigDict, with variants.
+
+    What every configs/ipd_*.py builds. Variants (the config's ARG after
+    ':'): opponent=tft|ac|ad|random|llm (default tft; llm: a second learner
+    of the same condition, 3 decisions per episode), model=tiny|<local
+    Gemma2 directory> (default: the built-in tiny model). Defaults are the
+    paper's: 1000 episodes of 5 decisions, seeds 1, 2, 3, 5, 6, LoRA
+    r64/alpha 32, PPO lr 1.41e-5, adaptive KL from beta 0.2, bf16 base
+    weights. With the tiny model `tiny_model_overrides` applies (LoRA r8,
+    lr 1e-3, beta 0.05, no dropout) and explains why.
 
     Args:
         arg: "opponent=tft|ac|ad|random|llm,model=tiny|/path/to/gemma-2-2b-it".

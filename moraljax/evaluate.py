@@ -67,7 +67,6 @@ import csv
 import dataclasses
 import functools
 import json
-import math
 import pathlib
 import sys
 import zlib
@@ -80,6 +79,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moraljax import config_lib
 from moraljax import games
 from moraljax import prompts
 from moraljax import rewards
@@ -103,40 +103,26 @@ BASE = "base"
 EVALUATION_DIRNAME = "evaluation"
 
 
-def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{field}={value!r} is not allowed; expected {allowed}.")
-
-
-def _check_int(field: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(field, value, f"an integer >= {minimum}")
-
-
-def _check_number(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(field, value, "a finite number")
-
-
 def _check_names(field: str, value: Any, allowed: Sequence[str], *, empty_ok: bool) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, (tuple, list)):
-        _fail(field, value, "a list of names from " + ", ".join(allowed))
+        config_lib.fail(field, value, "a list of names from " + ", ".join(allowed))
     value = tuple(value)
     if not value and not empty_ok:
-        _fail(field, value, "a non-empty list of names from " + ", ".join(allowed))
+        config_lib.fail(field, value, "a non-empty list of names from " + ", ".join(allowed))
     unknown = [v for v in value if v not in allowed]
     if unknown:
-        _fail(field, value, "names from " + ", ".join(allowed) + f" (unknown: {unknown})")
+        config_lib.fail(field, value, "names from " + ", ".join(allowed) + f" (unknown: {unknown})")
     if len(set(value)) != len(value):
-        _fail(field, value, "distinct names")
+        config_lib.fail(field, value, "distinct names")
     return value
 
 
 def _check_action_pair(field: str, value: Any) -> tuple[str, str]:
     if isinstance(value, str) or not isinstance(value, (tuple, list)) or len(value) != 2:
-        _fail(field, value, "two action strings, C's first")
+        config_lib.fail(field, value, "two action strings, C's first")
     pair = tuple(value)
     if not all(isinstance(a, str) and a and a == a.strip() for a in pair) or pair[0] == pair[1]:
-        _fail(field, value, "two different non-empty strings without surrounding blanks")
+        config_lib.fail(field, value, "two different non-empty strings without surrounding blanks")
     return pair
 
 
@@ -192,31 +178,31 @@ class EvalSettings:
         set_("actions", _check_action_pair("actions", self.actions))
         set_("table_orders", _check_names("table_orders", self.table_orders, prompts.TABLE_ORDERS, empty_ok=False))
         if isinstance(self.extra_actions, str) or not isinstance(self.extra_actions, (tuple, list)):
-            _fail("extra_actions", self.extra_actions, "a list of action pairs, e.g. [('action1', 'action2')]")
+            config_lib.fail("extra_actions", self.extra_actions, "a list of action pairs, e.g. [('action1', 'action2')]")
         extra = tuple(_check_action_pair("extra_actions", pair) for pair in self.extra_actions)
         if self.actions in extra or len(set(extra)) != len(extra):
-            _fail("extra_actions", self.extra_actions, "distinct pairs other than `actions`")
+            config_lib.fail("extra_actions", self.extra_actions, "distinct pairs other than `actions`")
         set_("extra_actions", extra)
-        _check_int("episodes", self.episodes, 1)
-        _check_int("decisions", self.decisions, 1)
+        config_lib.check_int("episodes", self.episodes, 1)
+        config_lib.check_int("decisions", self.decisions, 1)
         set_("value_preambles", _check_names(
             "value_preambles", self.value_preambles, tuple(prompts.VALUE_PREAMBLES), empty_ok=True))
         set_("beyond_families", _check_names(
             "beyond_families", self.beyond_families, BEYOND_FAMILIES, empty_ok=True))
-        _check_int("beyond_samples", self.beyond_samples, 1)
-        _check_int("beyond_gen_len", self.beyond_gen_len, 1)
+        config_lib.check_int("beyond_samples", self.beyond_samples, 1)
+        config_lib.check_int("beyond_gen_len", self.beyond_gen_len, 1)
         if self.beyond_game not in games.GAMES:
-            _fail("beyond_game", self.beyond_game, "one of " + ", ".join(games.GAMES))
-        _check_int("gen_len", self.gen_len, 0)
-        _check_number("temperature", self.temperature)
+            config_lib.fail("beyond_game", self.beyond_game, "one of " + ", ".join(games.GAMES))
+        config_lib.check_int("gen_len", self.gen_len, 0)
+        config_lib.check_finite("temperature", self.temperature)
         if self.temperature <= 0:
-            _fail("temperature", self.temperature, "a number > 0")
-        _check_int("top_k", self.top_k, 0)
-        _check_number("top_p", self.top_p)
+            config_lib.fail("temperature", self.temperature, "a number > 0")
+        config_lib.check_int("top_k", self.top_k, 0)
+        config_lib.check_finite("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
-            _fail("top_p", self.top_p, "a number in (0, 1] (1 = off)")
-        _check_number("xi_eval", self.xi_eval)
-        _check_int("seed", self.seed, 0)
+            config_lib.fail("top_p", self.top_p, "a number in (0, 1] (1 = off)")
+        config_lib.check_finite("xi_eval", self.xi_eval)
+        config_lib.check_int("seed", self.seed, 0)
 
     def variants(self) -> list[Variant]:
         """The prompt variants, the main test first."""
@@ -299,8 +285,8 @@ def protocol_sequences(num_episodes: int = 10, num_decisions: int = 5) -> tuple[
         (initial_states int32 [E, 2] as (prev_m, prev_o), opponent_moves
         int32 [E, D]), 0 = C, 1 = D.
     """
-    _check_int("num_episodes", num_episodes, 1)
-    _check_int("num_decisions", num_decisions, 1)
+    config_lib.check_int("num_episodes", num_episodes, 1)
+    config_lib.check_int("num_decisions", num_decisions, 1)
     children = np.random.SeedSequence(PROTOCOL_ENTROPY).spawn(PROTOCOL_STREAMS)
     state_rng = np.random.default_rng(children[INITIAL_STATE_STREAM])
     opponent_rng = np.random.default_rng(children[OPPONENT_STREAM])
@@ -444,40 +430,6 @@ def sample_choice(
     return Choice(action=prompts.match_actions(matcher, out.tokens), tokens=out.tokens, prompt_index=index)
 
 
-def decision_outcome(
-    game: games.MatrixGame, prev_o: jax.Array, action: jax.Array, a_o: jax.Array, xi_eval: float
-) -> dict[str, jax.Array]:
-    """Rewards, regrets and action type of one decision (unbatched).
-
-    regret_deont = 0 - R_De(xi_eval) (6 if illegal); regret_util =
-    (U_max - R_Ut) / (U_max + 6) (1 if illegal); the Random opponent is
-    always legal.
-
-    Args:
-        game: the game.
-        prev_o: int32 scalar, O's previous move (the state M saw).
-        action: int32 scalar, M's parsed action (-1 = illegal).
-        a_o: int32 scalar, O's move.
-        xi_eval: static deontological penalty.
-
-    Returns:
-        {name: scalar} for the reward, regret and action_type fields of
-        EvalDecisions.
-    """
-    legal = action >= 0
-    a_m = jnp.maximum(action, 0)  # Any move; unused when illegal.
-    named = rewards.all_rewards(game, a_m, a_o, prev_o, legal, jnp.bool_(True), xi=xi_eval)
-    return dict(
-        reward_game=named["game"],
-        reward_deont=named["deont"],
-        reward_util=named["util"],
-        reward_game_deont=named["game_deont"],
-        regret_deont=rewards.deontological_regret(a_m, prev_o, legal, xi_eval),
-        regret_util=rewards.utilitarian_regret(game, a_m, a_o, legal),
-        action_type=games.action_type(a_m, legal, prev_o),
-    )
-
-
 def play_protocol(
     choose: Callable[[games.GameState, jax.Array], Choice],
     game: games.MatrixGame,
@@ -519,9 +471,9 @@ def play_protocol(
     def decide(state: games.GameState, inputs):
         a_o, key = inputs
         choice = choose(state, key)
-        outcome = jax.vmap(decision_outcome, in_axes=(None, 0, 0, 0, None))(
-            game, state.prev_o, choice.action, a_o, xi_eval
-        )
+        # The Random opponent is always legal.
+        outcome = jax.vmap(functools.partial(rewards.decision_metrics, xi=xi_eval, xi_eval=xi_eval),
+                           in_axes=(None, 0, 0, 0, 0))(game, choice.action, a_o, state.prev_o, legal_o)
         legal_m = choice.action >= 0
         next_state = jax.vmap(games.step)(state, jnp.maximum(choice.action, 0), a_o, legal_m, legal_o)
         record = EvalDecisions(
@@ -649,10 +601,10 @@ def _model_specs(seeds: Sequence[int], kinds: Sequence[str], include_base: bool,
                  value_preambles: Sequence[str]) -> list[ModelSpec]:
     seeds = [int(s) for s in seeds]
     if len(set(zip(kinds, seeds))) != len(seeds) or any(s < 0 for s in seeds):
-        _fail("seeds", seeds, "integers >= 0, one per fine-tuned model, distinct within a kind")
+        config_lib.fail("seeds", seeds, "integers >= 0, one per fine-tuned model, distinct within a kind")
     reserved = {BASE} | {f"base+{v}" for v in value_preambles}
     if reserved & set(kinds):
-        _fail("kinds", sorted(set(kinds)), f"labels other than {', '.join(sorted(reserved))}")
+        config_lib.fail("kinds", sorted(set(kinds)), f"labels other than {', '.join(sorted(reserved))}")
     # Models of different kinds with the same seed share sampling keys:
     # common random numbers make conditions directly comparable.
     models = [ModelSpec(f"seed{s}" if kind == FINE_TUNED else f"{kind}/seed{s}", kind, s, 1 + s, None)
@@ -710,14 +662,14 @@ def evaluate_policies(
     say = progress or (lambda _: None)
     leaves = jax.tree.leaves(trainable)
     if not leaves or any(np.ndim(x) < 1 for x in leaves) or len({np.shape(x)[0] for x in leaves}) != 1:
-        _fail("trainable", jax.tree.map(np.shape, trainable), "a pytree with one leading model axis N")
+        config_lib.fail("trainable", jax.tree.map(np.shape, trainable), "a pytree with one leading model axis N")
     num_fine_tuned = np.shape(leaves[0])[0]
     seeds = list(range(num_fine_tuned)) if seeds is None else list(seeds)
     if len(seeds) != num_fine_tuned:
-        _fail("seeds", seeds, f"{num_fine_tuned} seeds, one per model of `trainable`")
+        config_lib.fail("seeds", seeds, f"{num_fine_tuned} seeds, one per model of `trainable`")
     kinds = [FINE_TUNED] * num_fine_tuned if kinds is None else list(kinds)
     if len(kinds) != num_fine_tuned or not all(isinstance(k, str) and k for k in kinds):
-        _fail("kinds", kinds, f"{num_fine_tuned} non-empty labels, one per model of `trainable`")
+        config_lib.fail("kinds", kinds, f"{num_fine_tuned} non-empty labels, one per model of `trainable`")
     models = _model_specs(seeds, kinds, include_base, settings.value_preambles)
     num_base_rows = len(models) - num_fine_tuned
     params = jax.tree.map(
@@ -729,7 +681,7 @@ def evaluate_policies(
 
     variants = settings.variants()
     action_sets = list(dict.fromkeys(v.actions for v in variants))
-    gen_lens = {a: settings.gen_len or _action_token_length(tokenizer, a) for a in action_sets}
+    gen_lens = {a: settings.gen_len or prompts.action_token_length(tokenizer, a) for a in action_sets}
     matcher_len = {a: max(gen_lens[a], settings.beyond_gen_len if a == settings.actions else 0) for a in action_sets}
     matchers = dict(zip(action_sets, _pad_matchers(
         [prompts.build_action_matcher(tokenizer, a, matcher_len[a]) for a in action_sets])))
@@ -805,11 +757,6 @@ def evaluate_policies(
         opponent_moves=moves,
         num_compilations=sum(f._cache_size() for f in compiled.values()),
     )
-
-
-def _action_token_length(tokenizer, actions: Sequence[str]) -> int:
-    """Tokens per action string (SPEC 4: gen_len), the longest of them."""
-    return max(len(tokenizer.encode(a, add_special_tokens=False)) for a in actions)
 
 
 # ----------------------------------------------------------------------------
@@ -1165,7 +1112,6 @@ def evaluate_workdir(
             loaded.
     """
     from moraljax import checkpointing
-    from moraljax import config_lib
     from moraljax import train
 
     workdir = pathlib.Path(workdir)

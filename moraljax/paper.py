@@ -182,11 +182,7 @@ class ProgramResults:
         columns = self.columns
         group = np.asarray(reporting.group_labels(columns["condition"], columns["player"])) == label
         rows = group & (columns["episode"] >= first) & (columns["episode"] <= last)
-        counts = np.asarray([columns[c][rows].sum() for c in reporting.COUNT_COLUMNS], np.float64)
-        shares = counts / max(counts.sum(), 1.0)
-        out = {f"share_{n}": float(s) for n, s in zip(games.ACTION_TYPE_NAMES, shares)}
-        out["illegal"] = float(shares[4] + shares[5])
-        return out
+        return reporting.action_shares(columns, rows)
 
     def eval_variants(self) -> list[tuple[str, str]]:
         """(actions label, table order) of the tests: the main one first, then

@@ -936,6 +936,11 @@ def stack_prompt_tables(tables: Sequence[PromptTable], pad_id: int
 # Action parsing: the host rule.
 # ---------------------------------------------------------------------------
 
+def action_token_length(tokenizer, actions: Sequence[str]) -> int:
+    """Tokens per action string (SPEC 4: gen_len), the longest of them."""
+    return max(len(tokenizer.encode(a, add_special_tokens=False)) for a in actions)
+
+
 def parse_action_host(tokenizer, ids, actions: Sequence[str]) -> int:
     """The parsing rule of SPEC.md section 4, on the host.
 

@@ -766,6 +766,29 @@ def _final_window_size(num_episodes: int, final_fraction: float) -> int:
     return max(1, math.ceil(final_fraction * num_episodes - 1e-9))
 
 
+def action_shares(columns: Mapping[str, np.ndarray],
+                  rows: np.ndarray) -> dict[str, float]:
+    """Action-type shares of the decisions counted in the selected rows.
+
+    Args:
+        columns: metrics.csv columns (``read_metrics``).
+        rows: bool [rows] selection (one run's window, or several runs').
+
+    Returns:
+        {"share_<type>": ..., "cooperation", "defection", "illegal"}; all 0
+        when the rows hold no decision.
+    """
+    counts = np.asarray([columns[c][rows].sum() for c in COUNT_COLUMNS],
+                        dtype=np.float64)
+    shares = counts / max(counts.sum(), 1.0)
+    out = {f"share_{name}": float(share)
+           for name, share in zip(ACTION_TYPE_NAMES, shares)}
+    out["cooperation"] = float(shares[0] + shares[1])
+    out["defection"] = float(shares[2] + shares[3])
+    out["illegal"] = float(shares[4] + shares[5])
+    return out
+
+
 def summarise(metrics_csv_path: str | os.PathLike, *,
               final_fraction: float = 0.1) -> dict[str, Any]:
     """Final-window action shares and rewards per run and per group.
@@ -828,17 +851,10 @@ def summarise(metrics_csv_path: str | os.PathLike, *,
                 raise ValueError(
                     f"run seed={seed} (learner {learner}) of {label!r} has no "
                     f"episode in the final window {window.tolist()}.")
-            counts = np.asarray([columns[c][mine].sum() for c in COUNT_COLUMNS],
-                                dtype=np.float64)
-            total = counts.sum()
-            shares = counts / total
-            run = {"seed": seed, "learner": int(learner)}
-            for name, share in zip(ACTION_TYPE_NAMES, shares):
-                run[f"share_{name}"] = float(share)
-            run["cooperation"] = float(shares[0] + shares[1])
-            run["defection"] = float(shares[2] + shares[3])
-            run["illegal"] = float(shares[4] + shares[5])
+            run = {"seed": seed, "learner": int(learner),
+                   **action_shares(columns, mine)}
             if has_opponent:
+                total = sum(columns[c][mine].sum() for c in COUNT_COLUMNS)
                 run["opponent_illegal"] = float(
                     columns[OPPONENT_ILLEGAL_COLUMN][mine].sum() / total)
             for key in mean_keys:

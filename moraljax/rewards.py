@@ -247,6 +247,38 @@ def all_rewards(game: games.MatrixGame, a_m: jax.Array, a_o: jax.Array,
     }
 
 
+def decision_metrics(game: games.MatrixGame, action: jax.Array, a_o: jax.Array,
+                     prev_o: jax.Array, legal_o: jax.Array, *,
+                     xi: float = TRAINING_XI,
+                     xi_eval: float = EVALUATION_XI) -> dict[str, jax.Array]:
+    """What is recorded of one decision: named rewards, regrets, action type.
+
+    Shared by training (rl/rollout.py) and evaluation (evaluate.py).
+
+    Args:
+        game: an unbatched game (M's side).
+        action: int scalar, M's parsed action (0 = C, 1 = D, -1 = illegal).
+        a_o: int scalar, O's move.
+        prev_o: int scalar, O's previous move (the state M saw).
+        legal_o: bool scalar; always True for fixed opponents.
+        xi: deontological penalty of the named rewards.
+        xi_eval: deontological penalty of the regret.
+
+    Returns:
+        {reward_game, reward_deont, reward_util, reward_game_deont,
+        regret_deont, regret_util, action_type}, scalars.
+    """
+    legal = action >= 0
+    a_m = jnp.maximum(action, 0)  # Any move; unused when illegal.
+    named = all_rewards(game, a_m, a_o, prev_o, legal, legal_o, xi=xi)
+    return dict(
+        **{f"reward_{name}": value for name, value in named.items()},
+        regret_deont=deontological_regret(a_m, prev_o, legal, xi_eval),
+        regret_util=utilitarian_regret(game, a_m, a_o, legal),
+        action_type=games.action_type(a_m, legal, prev_o),
+    )
+
+
 def deontological_regret(a_m: jax.Array, prev_o: jax.Array,
                          legal_m: jax.Array, xi_eval: float = EVALUATION_XI,
                          illegal_penalty: float = ILLEGAL_PENALTY

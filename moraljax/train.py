@@ -31,7 +31,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from moraljax import config_lib
@@ -39,7 +38,6 @@ from moraljax import distributed
 from moraljax import games
 from moraljax import opponents
 from moraljax import prompts
-from moraljax import rewards
 from moraljax import sharding as sharding_lib
 from moraljax.llm import gemma2
 from moraljax.llm import lora as lora_lib
@@ -283,11 +281,6 @@ def model_directory(path: str) -> pathlib.Path:
     return directory
 
 
-def action_token_length(tokenizer, actions: tuple[str, ...]) -> int:
-    """Tokens per action string (SPEC 4: gen_len), the longest of them."""
-    return max(len(tokenizer.encode(a, add_special_tokens=False)) for a in actions)
-
-
 def _to_host(tree: Any) -> Any:
     """Arrays to numpy on every process (gathered across processes if needed)."""
     from jax.experimental import multihost_utils
@@ -420,7 +413,7 @@ def build_run(
     )
     game = games.get_game(cfg.game.name)
     actions = cfg.prompt.actions
-    gen_len = cfg.model.gen_len or action_token_length(tokenizer, actions)
+    gen_len = cfg.model.gen_len or prompts.action_token_length(tokenizer, actions)
     sides = [game, games.opponent_view(game)]  # Player 0 (M) and player 1.
     tables = [
         prompts.build_prompt_table(

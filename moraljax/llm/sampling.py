@@ -327,7 +327,7 @@ def score_responses(
     chex.assert_rank([prompt_ids, prompt_mask, response_ids], 2)
     chex.assert_equal_shape([prompt_ids, prompt_mask])
     chex.assert_equal_shape_prefix([prompt_ids, response_ids], 1)
-    prompt_len, response_len = prompt_ids.shape[1], response_ids.shape[1]
+    response_len = response_ids.shape[1]
     tokens = jnp.concatenate([prompt_ids, response_ids.astype(prompt_ids.dtype)], axis=1)
     mask = jnp.concatenate([prompt_mask, jnp.ones_like(response_ids, dtype=prompt_mask.dtype)], axis=1)
     if dropout_key is None:

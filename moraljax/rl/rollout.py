@@ -175,20 +175,10 @@ def _decision_outcome(
     a_o: jax.Array,
     legal_o: jax.Array,
 ) -> dict[str, jax.Array]:
-    """Rewards, regrets and action type of one decision (one learner, own-side game)."""
+    """Training reward plus the recorded metrics of one decision (one learner, own-side game)."""
     legal = action >= 0
-    a_m = jnp.maximum(action, 0)  # Any move; unused when illegal.
-    named = rewards.all_rewards(game, a_m, a_o, state.prev_o, legal, legal_o)
-    return dict(
-        reward=rewards.moral_reward(spec, game, a_m, a_o, state.prev_o, legal, legal_o),
-        reward_game=named["game"],
-        reward_deont=named["deont"],
-        reward_util=named["util"],
-        reward_game_deont=named["game_deont"],
-        regret_deont=rewards.deontological_regret(a_m, state.prev_o, legal),
-        regret_util=rewards.utilitarian_regret(game, a_m, a_o, legal),
-        action_type=games.action_type(a_m, legal, state.prev_o),
-    )
+    reward = rewards.moral_reward(spec, game, jnp.maximum(action, 0), a_o, state.prev_o, legal, legal_o)
+    return dict(reward=reward, **rewards.decision_metrics(game, action, a_o, state.prev_o, legal_o))
 
 
 def rollout_episode(
