@@ -192,7 +192,7 @@ def plan_sweep(
                 " does; allowed: one config per condition (their rows would be merged)."
             )
         conditions[condition] = config_arg
-        players = 2 if cfg.opponent.name == "llm" else 1
+        players = cfg.all_conditions()[0].players
         if learners_per_program < players:
             raise ValueError(
                 f"learners_per_program={learners_per_program} is not allowed for {config_arg!r};"
@@ -233,17 +233,13 @@ def check_plan(workdir: pathlib.Path, plan: dict[str, Any]) -> None:
     Raises:
         ValueError: the existing sweep.json differs (nothing is changed).
     """
+    from moraljax import train  # Imports the model stack; only needed here.
+
     path = workdir / PLAN_FILENAME
-    if path.exists():
-        existing = json.loads(path.read_text())
-        if existing != plan:
-            raise ValueError(
-                f"workdir {workdir} holds another sweep ({path} differs); nothing was changed."
-                " Use another --workdir, or the same configs, seeds, overrides and split."
-            )
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(plan, indent=2) + "\n")
+    train.check_workdir(workdir, plan, filename=PLAN_FILENAME, holder="a sweep")
+    if not path.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(plan, indent=2) + "\n")
 
 
 def is_finished(workdir: pathlib.Path, part: Part) -> bool:

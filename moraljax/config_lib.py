@@ -19,6 +19,7 @@ import ml_collections
 
 from moraljax import games
 from moraljax import opponents
+from moraljax import prompts
 from moraljax import rewards
 
 
@@ -46,15 +47,24 @@ def check_positive_int(field: str, value: Any) -> None:
         fail(field, value, "a positive integer")
 
 
+def check_action_pair(field: str, value: Any) -> tuple[str, str]:
+    """Two action strings (C's first) as a tuple, or a clear error.
+
+    The prompt renderer refuses blanks around an action string too; checking
+    here refuses them before any model is loaded.
+    """
+    if isinstance(value, str) or not isinstance(value, (tuple, list)) or len(value) != 2:
+        fail(field, value, "two action strings, C's first")
+    pair = tuple(value)
+    if not all(isinstance(a, str) and a and a == a.strip() for a in pair) or pair[0] == pair[1]:
+        fail(field, value, "two different non-empty strings without surrounding blanks")
+    return pair
+
+
 def check_choice(field: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
         fail(field, value, "one of " + ", ".join(repr(a) for a in allowed))
 
-
-# Table-order variants of the structured prompt (SPEC section 8). Kept here
-# rather than imported from prompts.py so that validating a config never
-# needs a tokenizer stack.
-TABLE_ORDERS = ("original", "columns_swapped", "rows_swapped", "both_swapped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +104,8 @@ class RewardSettings:
     name: str = "util"
     switch_to: str = ""
     switch_episode: int = 0
-    xi: float = 3.0
-    illegal_penalty: float = -6.0
+    xi: float = rewards.TRAINING_XI
+    illegal_penalty: float = rewards.ILLEGAL_PENALTY
     paper_opponent_illegal: bool = True
 
     def __post_init__(self):
@@ -129,6 +139,11 @@ class Condition:
         check_choice("opponent", self.opponent, opponents.OPPONENT_NAMES)
 
     @property
+    def players(self) -> int:
+        """Learners per seed: 2 against a learning LLM (a pair), else 1."""
+        return 2 if self.opponent == "llm" else 1
+
+    @property
     def name(self) -> str:
         """A readable label, e.g. 'util_vs_tft' or 'game->deont_vs_tft'."""
         reward = self.reward
@@ -140,19 +155,12 @@ class Condition:
 class PromptSettings:
     """The structured prompt's action strings and table order (SPEC 4, 8)."""
 
-    actions: tuple[str, str] = ("action1", "action2")
+    actions: tuple[str, str] = prompts.TRAIN_ACTIONS
     table_order: str = "original"
 
     def __post_init__(self):
-        actions = tuple(self.actions)
-        if len(actions) != 2 or not all(isinstance(a, str) for a in actions):
-            fail("prompt.actions", self.actions, "two strings, C's first")
-        if any(not a.strip() for a in actions):
-            fail("prompt.actions", self.actions, "two non-empty strings")
-        if actions[0] == actions[1]:
-            fail("prompt.actions", self.actions, "two different strings")
-        object.__setattr__(self, "actions", actions)
-        check_choice("prompt.table_order", self.table_order, TABLE_ORDERS)
+        object.__setattr__(self, "actions", check_action_pair("prompt.actions", self.actions))
+        check_choice("prompt.table_order", self.table_order, prompts.TABLE_ORDERS)
 
 
 def settings_from_dict(cls, values: Any, prefix: str):
@@ -395,7 +403,6 @@ def parse_variant(arg: str | None, defaults: dict[str, str], allowed: dict[str, 
 # Shared config builders for configs/*.py.
 
 TINY_MODEL = "tiny"
-TRAINING_OPPONENTS = ("tft", "ac", "ad", "random", "llm")
 
 
 def tiny_model_overrides(config: ml_collections.ConfigDict) -> None:
@@ -458,7 +465,7 @@ def experiment_config(
     variant = parse_variant(
         arg,
         defaults={"opponent": "tft", "model": TINY_MODEL},
-        allowed={"opponent": TRAINING_OPPONENTS, "model": None},
+        allowed={"opponent": opponents.OPPONENT_NAMES, "model": None},
     )
     config = ml_collections.ConfigDict()
     config.game = dataclasses.asdict(GameSettings())

@@ -117,15 +117,6 @@ def _check_names(field: str, value: Any, allowed: Sequence[str], *, empty_ok: bo
     return value
 
 
-def _check_action_pair(field: str, value: Any) -> tuple[str, str]:
-    if isinstance(value, str) or not isinstance(value, (tuple, list)) or len(value) != 2:
-        config_lib.fail(field, value, "two action strings, C's first")
-    pair = tuple(value)
-    if not all(isinstance(a, str) and a and a == a.strip() for a in pair) or pair[0] == pair[1]:
-        config_lib.fail(field, value, "two different non-empty strings without surrounding blanks")
-    return pair
-
-
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     """What the generalisation suite runs (defaults: the paper's, SPEC 8).
@@ -175,11 +166,11 @@ class EvalSettings:
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
         set_("games", _check_names("games", self.games, tuple(games.GAMES), empty_ok=False))
-        set_("actions", _check_action_pair("actions", self.actions))
+        set_("actions", config_lib.check_action_pair("actions", self.actions))
         set_("table_orders", _check_names("table_orders", self.table_orders, prompts.TABLE_ORDERS, empty_ok=False))
         if isinstance(self.extra_actions, str) or not isinstance(self.extra_actions, (tuple, list)):
             config_lib.fail("extra_actions", self.extra_actions, "a list of action pairs, e.g. [('action1', 'action2')]")
-        extra = tuple(_check_action_pair("extra_actions", pair) for pair in self.extra_actions)
+        extra = tuple(config_lib.check_action_pair("extra_actions", pair) for pair in self.extra_actions)
         if self.actions in extra or len(set(extra)) != len(extra):
             config_lib.fail("extra_actions", self.extra_actions, "distinct pairs other than `actions`")
         set_("extra_actions", extra)

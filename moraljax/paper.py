@@ -126,15 +126,12 @@ def run_suite(suite: Suite, workdir: str | pathlib.Path, *, progress: bool = Tru
             " train each program with its own experiment config and evaluate on one host.")
     workdir = pathlib.Path(workdir)
     resolved = _resolved(suite)
-    suite_path = workdir / SUITE_CONFIG
-    if suite_path.exists() and json.loads(suite_path.read_text()) != resolved:
-        raise ValueError(f"workdir {workdir} holds a suite with a different config ({suite_path}); nothing was"
-                         " changed. Use another --workdir, or the same config to resume.")
+    train.check_workdir(workdir, resolved, filename=SUITE_CONFIG, holder="a suite")
     for name, cfg in suite.programs:  # All refusals before any work.
         train.check_workdir(workdir / name, train.resolved_config(cfg))
         train.model_directory(cfg.model.path)
     workdir.mkdir(parents=True, exist_ok=True)
-    suite_path.write_text(json.dumps(resolved, indent=2) + "\n")
+    (workdir / SUITE_CONFIG).write_text(json.dumps(resolved, indent=2) + "\n")
     say = print if progress else (lambda *_: None)
 
     timings = {}
@@ -185,11 +182,14 @@ class ProgramResults:
         return reporting.action_shares(columns, rows)
 
     def eval_variants(self) -> list[tuple[str, str]]:
-        """(actions label, table order) of the tests: the main one first, then
-        each extra action pair with the original table (evaluate.EvalSettings)."""
-        settings = self.evaluation["settings"]
-        main = ("/".join(settings["actions"]), settings["table_orders"][0])
-        return [main] + [("/".join(pair), "original") for pair in settings["extra_actions"]]
+        """(actions label, table order) of the tests checked: the main one, then
+        each extra action pair (``evaluate.EvalSettings.variants``)."""
+        from moraljax import evaluate
+
+        settings = evaluate.settings_from_dict(self.evaluation["settings"])
+        variants = settings.variants()
+        checked = [variants[0]] + [v for v in variants if v.actions != settings.actions]
+        return [(v.actions_label, v.table_order) for v in checked]
 
     def eval_rows(self, table: str, kind: str, variant: tuple[str, str]) -> dict[str, dict[str, Any]]:
         """A kind's rows of one test variant, by game."""
@@ -433,7 +433,8 @@ def build_report(workdir: pathlib.Path, suite: Suite, timings: Mapping[str, floa
                 "final": {label: {"mean": g["mean"], "ci95": g["ci95"], "num_runs": g["num_runs"],
                                   "final_window": g["final_window"]}
                           for label, g in p.summary["groups"].items()},
-                "evaluation_regrets": [row for row in p.evaluation["regrets"]],
+                "evaluation_regrets": [row for row in p.evaluation["regrets"]
+                                       if (row["actions"], row["table_order"]) == p.eval_variants()[0]],
             }
             for p in programs
         },
@@ -489,13 +490,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", f"![action types]({name}/action_types.png) ![rewards]({name}/rewards.png)", "",
                   f"## {name}: generalisation (test actions, original table)", "",
                   "| model | game | De regret | Ut regret |", "|---|---|---|---|"]
-        rows = program["evaluation_regrets"]
-        main = (rows[0]["actions"], rows[0]["table_order"]) if rows else None
-        for row in rows:
-            if (row["actions"], row["table_order"]) == main:
-                lines.append(f"| {row['kind']} | {row['game']} | "
-                             f"{_cell(row['regret_deont_mean'], row['regret_deont_ci95'])} | "
-                             f"{_cell(row['regret_util_mean'], row['regret_util_ci95'])} |")
+        for row in program["evaluation_regrets"]:  # The main test only.
+            lines.append(f"| {row['kind']} | {row['game']} | "
+                         f"{_cell(row['regret_deont_mean'], row['regret_deont_ci95'])} | "
+                         f"{_cell(row['regret_util_mean'], row['regret_util_ci95'])} |")
         lines += ["", f"All variants: [{name}/evaluation/regrets.md]({name}/evaluation/regrets.md).", "",
                   f"![regrets]({name}/evaluation/regrets.png) ![action types]({name}/evaluation/action_types.png)"]
     return "\n".join(lines) + "\n"

@@ -149,13 +149,6 @@ def weight_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def frozen_shardings(frozen: Any, mesh: Mesh) -> Any:
-    """`weight_sharding` for every leaf of the frozen state."""
-    return jax.tree.map(lambda x: weight_sharding(x.shape, mesh), frozen)
-
-
-def put(tree: Any, sharding: Any) -> Any:
-    """device_put a tree with one sharding or a matching tree of shardings."""
-    if isinstance(sharding, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
-    return jax.tree.map(jax.device_put, tree, sharding)
+def put(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """device_put every leaf of a tree with one sharding."""
+    return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)

@@ -204,15 +204,9 @@ def train_chunk(
             batch_size=settings.batch_size,
             settings=settings.sampling,
         )
-        num_learners, batch = decisions.action.shape
-        ref = rollout.reference_logprobs(
-            graphdef,
-            frozen,
-            trainable_one,
-            prefix,
-            decisions.prompt_row.reshape(-1),
-            decisions.tokens.reshape(num_learners * batch, gen_len),
-        ).reshape(num_learners, batch, gen_len)
+        rows, tokens = rollout.flatten_learners((decisions.prompt_row, decisions.tokens))
+        ref = rollout.reference_logprobs(graphdef, frozen, trainable_one, prefix, rows, tokens)
+        ref = ref.reshape(decisions.logprobs.shape)
         update = functools.partial(_update_one, graphdef, frozen, env.prompts, settings)
         learners, stats = jax.vmap(update)(learners, decisions, ref, key_update)
         metrics = {name: getattr(decisions, name) for name in DECISION_METRICS}
@@ -238,14 +232,17 @@ def resolved_config(cfg: config_lib.ExperimentConfig) -> dict[str, Any]:
     return resolved
 
 
-def check_workdir(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
-    """Refuses a workdir that holds a run with a different config.
+def check_workdir(workdir: pathlib.Path, resolved: dict[str, Any], *, filename: str = "config.json",
+                  holder: str = "a run") -> None:
+    """Refuses a workdir whose `filename` records another config.
+
+    Used for a run's config.json, a suite's suite.json and a sweep's plan.
 
     Raises:
         ValueError: naming the first differing fields, before anything is
             loaded, compiled or written.
     """
-    existing_path = workdir / "config.json"
+    existing_path = workdir / filename
     if not existing_path.exists():
         return
     existing = json.loads(existing_path.read_text())
@@ -260,7 +257,7 @@ def check_workdir(workdir: pathlib.Path, resolved: dict[str, Any]) -> None:
 
     changes = diff(existing, resolved)
     raise ValueError(
-        f"workdir {workdir} holds a run with a different config ({'; '.join(changes[:5])});"
+        f"workdir {workdir} holds {holder} with a different config ({'; '.join(changes[:5])});"
         " nothing was changed. Use another --workdir, or the same config to resume."
     )
 
@@ -360,7 +357,7 @@ def _learner_setups(condition: config_lib.Condition, num_episodes: int, first: i
             f"reward.switch_episode={switch} is not below run.num_episodes={num_episodes};"
             " allowed: an episode inside the run."
         )
-    players = 2 if condition.opponent == "llm" else 1
+    players = condition.players
     return [
         rollout.LearnerSetup(
             opponent=jnp.asarray(opponents.opponent_id(condition.opponent), jnp.int32),
@@ -395,7 +392,7 @@ def build_run(
         for seed in cfg.run.seeds:
             for setup in _learner_setups(condition, cfg.run.num_episodes, len(setups)):
                 info.append({"learner": len(setups), "seed": seed, "condition": condition.name,
-                             "player": int(setup.player), "opponent_is_llm": condition.opponent == "llm"})
+                             "player": int(setup.player), "opponent_is_llm": condition.players == 2})
                 setups.append(setup)
     num_learners = len(setups)
     mesh = sharding_lib.make_mesh(cfg.mesh, devices, num_learners)
@@ -424,7 +421,7 @@ def build_run(
     stacked = prompts.stack_prompt_tables(tables, tokenizer.pad_token_id)
     env = rollout.Environment(
         game=games.stack_games(sides),
-        prompts=jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stacked),
+        prompts=rollout.flatten_learners(stacked),  # [2, P, T] -> [2 * P, T]
         matcher=prompts.build_action_matcher(tokenizer, actions, gen_len),
     )
     setup = jax.tree.map(lambda *xs: jnp.stack(xs), *setups)
@@ -512,7 +509,7 @@ def train(cfg: config_lib.ExperimentConfig, workdir: str | pathlib.Path, *, prog
     workdir = pathlib.Path(workdir)
     resolved = resolved_config(cfg)
     check_workdir(workdir, resolved)
-    is_writer = jax.process_index() == 0
+    is_writer = distributed.is_writer()
     started = time.time()
     run = build_run(cfg, devices=devices)
     say = print if (progress and is_writer) else (lambda *_: None)

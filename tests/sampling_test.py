@@ -105,7 +105,7 @@ def test_generate_equals_prefill_then_generate_from_cache(policy, prompts):
     ids, mask = prompts
     key = jax.random.key(7)
     whole = generate(policy, ids, mask, key, gen_len=GEN_LEN)
-    cache, last_hidden = prefill(policy, ids, mask, max_new_tokens=GEN_LEN)
+    cache, last_hidden = prefill(policy, ids, mask, max_new_tokens=GEN_LEN - 1)
     from_cache = generate_from_cache(policy, cache, last_hidden, key, gen_len=GEN_LEN)
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(from_cache)):
         np.testing.assert_array_equal(a, b)
@@ -114,7 +114,7 @@ def test_generate_equals_prefill_then_generate_from_cache(policy, prompts):
 def test_gathered_cache_rows_reuse_distinct_prefixes(policy, prompts):
     """Prefill each distinct prompt once, then gather rows per decision."""
     ids, mask = prompts
-    cache, last_hidden = prefill(policy, ids, mask, max_new_tokens=GEN_LEN)
+    cache, last_hidden = prefill(policy, ids, mask, max_new_tokens=GEN_LEN - 1)
     index = jnp.array([2, 0, 0, 1, 2])
     gathered = jax.tree.map(lambda x: x[index], cache)
     key = jax.random.key(8)

@@ -357,29 +357,16 @@ def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> Rotary:
 
 
 def apply_rotary(x: jax.Array, rotary: Rotary) -> jax.Array:
-    """Rotates [B, T, heads, H] by precomputed tables (see ``apply_rope``)."""
+    """Rotary embedding with the rotate-half layout of transformers' Gemma.
+
+    Rotates [B, T, heads, H] by the tables of its positions; computed in
+    float32, returned in the dtype of ``x``.
+    """
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)
     cos, sin = rotary.cos, rotary.sin
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return rotated.astype(x.dtype)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array | Rotary, theta: float) -> jax.Array:
-    """Rotary embedding with the rotate-half layout of transformers' Gemma.
-
-    Args:
-        x: [B, T, heads, H].
-        positions: int [B, T], or their ``Rotary`` tables (then ``theta`` is
-            not read).
-        theta: base frequency.
-
-    Returns:
-        [B, T, heads, H] in the dtype of ``x`` (rotation done in float32).
-    """
-    if not isinstance(positions, Rotary):
-        positions = rotary_tables(positions, x.shape[-1], theta)
-    return apply_rotary(x, positions)
 
 
 # ----------------------------------------------------------------------------
@@ -478,10 +465,6 @@ def attention(
     return _attention_forward(queries, keys, values, allowed, query_scale, logit_cap)[0]
 
 
-def _attention_fwd(queries, keys, values, allowed, query_scale, logit_cap):
-    return _attention_forward(queries, keys, values, allowed, query_scale, logit_cap)
-
-
 def _attention_bwd(query_scale, logit_cap, saved, d_result):
     q, k, v, allowed, probs, tanh, out = saved
     batch, length, kv_heads, groups, head_dim = d_result.shape
@@ -502,7 +485,7 @@ def _attention_bwd(query_scale, logit_cap, saved, d_result):
     return d_queries.astype(q.dtype), d_keys.astype(k.dtype), d_values.astype(value_dtype), None
 
 
-attention.defvjp(_attention_fwd, _attention_bwd)
+attention.defvjp(_attention_forward, _attention_bwd)
 
 
 # ----------------------------------------------------------------------------
@@ -599,28 +582,24 @@ class Attention(nnx.Module):
         self.v_proj = lora_lib.LoRALinear(d, k * h, target="v", **common)
         self.o_proj = lora_lib.LoRALinear(n * h, d, target="o", **common)
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
-        self.rope_theta = config.rope_theta
         self.query_scale = config.query_pre_attn_scalar**-0.5
         self.logit_cap = config.attn_logit_softcapping
 
     def project_kv(
-        self, x: jax.Array, positions: jax.Array | Rotary, *, lora_enabled: bool, dropout_key: jax.Array | None
+        self, x: jax.Array, rotary: Rotary, *, lora_enabled: bool, dropout_key: jax.Array | None
     ) -> tuple[jax.Array, jax.Array]:
-        """Keys (rotated) and values of new tokens: [B, T, K, H] each.
-
-        ``positions`` is int [B, T] or its ``Rotary`` tables.
-        """
+        """Keys (rotated by the new tokens' ``rotary`` tables) and values: [B, T, K, H] each."""
         batch, length, _ = x.shape
         keys = self.k_proj(x, lora_enabled=lora_enabled, dropout_key=dropout_key)
         values = self.v_proj(x, lora_enabled=lora_enabled, dropout_key=dropout_key)
         keys = keys.reshape(batch, length, self.num_kv_heads, self.head_dim)
         values = values.reshape(batch, length, self.num_kv_heads, self.head_dim)
-        return apply_rope(keys, positions, self.rope_theta), values
+        return apply_rotary(keys, rotary), values
 
     def attend(
         self,
         x: jax.Array,
-        positions: jax.Array | Rotary,
+        rotary: Rotary,
         keys: jax.Array,
         values: jax.Array,
         allowed: jax.Array,
@@ -633,7 +612,7 @@ class Attention(nnx.Module):
 
         Args:
             x: [B, T, D] normed input of the new tokens.
-            positions: int [B, T], or its ``Rotary`` tables.
+            rotary: the rotary tables of the new tokens' positions.
             keys: [B, S, K, H] rotated keys (new tokens included).
             values: [B, S, K, H].
             allowed: bool [B, T, S], which keys each query may see.
@@ -651,7 +630,7 @@ class Attention(nnx.Module):
         lora_kwargs = dict(lora_enabled=lora_enabled, dropout_key=dropout_key, suffix_of=suffix_of)
         queries = self.q_proj(x, **lora_kwargs)
         queries = queries.reshape(batch, length, self.num_heads, self.head_dim)
-        queries = apply_rope(queries, positions, self.rope_theta)
+        queries = apply_rotary(queries, rotary)
         # Query head n = k * G + g uses kv head k (transformers' repeat_kv).
         queries = queries.reshape(batch, length, self.num_kv_heads, groups, self.head_dim)
         out = attention(queries, keys, values, allowed, self.query_scale, self.logit_cap)
@@ -761,7 +740,6 @@ class Gemma2(nnx.Module):
         if param_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"param_dtype must be float32 or bfloat16, got {param_dtype}.")
         self.config = config
-        self.lora = lora
         self.embed_tokens = Embedder(config.vocab_size, config.hidden_size, param_dtype=param_dtype)
         self.layers = DecoderLayers(config, lora=lora, param_dtype=param_dtype)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)

@@ -283,7 +283,8 @@ def generate(
     Returns:
         ``GenerateOutput``.
     """
-    cache, last_hidden = prefill(policy, prompt_ids, prompt_mask, gen_len, lora_enabled=lora_enabled)
+    # The last token is never fed back: gen_len - 1 free slots suffice.
+    cache, last_hidden = prefill(policy, prompt_ids, prompt_mask, gen_len - 1, lora_enabled=lora_enabled)
     return generate_from_cache(
         policy,
         cache,

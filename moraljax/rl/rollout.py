@@ -323,5 +323,5 @@ def reference_logprobs(
 
 
 def flatten_learners(tree: Any) -> Any:
-    """[N, B, ...] -> [N * B, ...] on every leaf."""
+    """Merges the two leading axes of every leaf: [N, B, ...] -> [N * B, ...]."""
     return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), tree)
