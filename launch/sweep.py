@@ -384,12 +384,16 @@ def write_tensorboard(metrics_path: pathlib.Path, directory: pathlib.Path) -> No
     writer = tensorboardX.SummaryWriter(logdir=str(directory), flush_secs=10**6, max_queue=10**6)
     try:
         for label in dict.fromkeys(labels.tolist()):
-            members = labels == label
-            episodes = np.unique(columns["episode"][members])
+            # Row indices of each episode of the group, found once (in row
+            # order, so each mean sums the same values as a mask would).
+            members = np.flatnonzero(labels == label)
+            member_episodes = columns["episode"][members]
+            order = np.argsort(member_episodes, kind="stable")
+            episodes, starts = np.unique(member_episodes[order], return_index=True)
+            episode_rows = np.split(members[order], starts[1:])
             for (section, name), value in values.items():
                 tag = reporting.tensorboard_tag(label, section, name)
-                for episode in episodes:
-                    rows = members & (columns["episode"] == episode)
+                for episode, rows in zip(episodes, episode_rows):
                     writer.add_scalar(tag, float(np.mean(value[rows])), global_step=int(episode))
     finally:
         writer.close()
@@ -429,10 +433,7 @@ def merge(parts: Sequence[Part], workdir: pathlib.Path) -> dict[str, Any]:
     tensorboard_dir = workdir / reporting.TENSORBOARD_DIRNAME
     shutil.rmtree(tensorboard_dir, ignore_errors=True)  # Rebuilt whole, not appended.
     write_tensorboard(metrics_path, tensorboard_dir)
-    reporting.plot_action_types(metrics_path, workdir / "action_types.png")
-    reporting.plot_rewards(metrics_path, workdir / "rewards.png")
-    summary = reporting.summarise(metrics_path)
-    reporting.write_summary(workdir, summary)
+    summary = reporting.write_report(workdir, metrics_path)
     reporting.save_resolved_config(workdir, merged_config(parts, workdir))
     adapters = workdir / "adapters"
     for part in parts:

@@ -582,14 +582,9 @@ class RunWriter:
         if not self.is_writer:
             return None
         self._tensorboard.flush()
-        plot_action_types(self._metrics_path,
-                          self.workdir / "action_types.png",
-                          smoothing_window=smoothing_window)
-        plot_rewards(self._metrics_path, self.workdir / "rewards.png",
-                     smoothing_window=smoothing_window)
-        summary = summarise(self._metrics_path, final_fraction=final_fraction)
-        write_summary(self.workdir, summary)
-        return summary
+        return write_report(self.workdir, self._metrics_path,
+                            final_fraction=final_fraction,
+                            smoothing_window=smoothing_window)
 
     def close(self) -> None:
         """Flushes and closes the TensorBoard writer (idempotent)."""
@@ -945,6 +940,28 @@ def write_summary(workdir: str | os.PathLike,
     (workdir / "summary.json").write_text(
         json.dumps(summary, indent=2) + "\n")
     (workdir / "summary.md").write_text(summary_markdown(summary))
+
+
+def write_report(workdir: str | os.PathLike,
+                 metrics_csv_path: str | os.PathLike, *,
+                 final_fraction: float = 0.1,
+                 smoothing_window: int | None = None) -> dict[str, Any]:
+    """action_types.png, rewards.png, summary.json and summary.md of a run.
+
+    What a finished run (``RunWriter.write_report``) and a merged sweep
+    (launch/sweep.py) write from their metrics.csv.
+
+    Returns:
+        The summary (``summarise``).
+    """
+    workdir = pathlib.Path(workdir)
+    plot_action_types(metrics_csv_path, workdir / "action_types.png",
+                      smoothing_window=smoothing_window)
+    plot_rewards(metrics_csv_path, workdir / "rewards.png",
+                 smoothing_window=smoothing_window)
+    summary = summarise(metrics_csv_path, final_fraction=final_fraction)
+    write_summary(workdir, summary)
+    return summary
 
 
 def save_resolved_config(workdir: str | os.PathLike,
