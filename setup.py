@@ -19,8 +19,10 @@ setuptools.setup(
         "flax==0.12.8",
         "optax==0.2.8",
         "orbax-checkpoint==0.12.8",
+        "etils==1.15.0",  # epath, imported by moraljax.checkpointing.
         "chex==0.1.92",
         "transformers==5.24.0",
+        "Jinja2==3.1.6",  # transformers renders chat templates with it.
         "tokenizers==0.23.3",
         "safetensors==0.8.0",
         "absl-py==2.5.1",
@@ -37,6 +39,7 @@ setuptools.setup(
             # CPU build, only for parity checks against transformers' Gemma2.
             "torch==2.13.0",
             "peft==0.21.2",
+            "ruff==0.17.6",  # Lint (ruff.toml), run by .ci/run.
         ],
     },
 )

@@ -370,7 +370,8 @@ def experiment_from_config_dict(config: ml_collections.ConfigDict | dict) -> Exp
     return ExperimentConfig(**built, conditions=_conditions_from(values.get("conditions", ())))
 
 
-def parse_variant(arg: str | None, defaults: dict[str, str], allowed: dict[str, Sequence[str] | None]) -> dict[str, str]:
+def parse_variant(arg: str | None, defaults: dict[str, str],
+                  allowed: dict[str, Sequence[str] | None]) -> dict[str, str]:
     """Parses a config argument like "opponent=ad,model=/path/to/gemma".
 
     Args:

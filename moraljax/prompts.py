@@ -280,9 +280,8 @@ def render_payoff_table(payoffs, actions: Sequence[str] = TRAIN_ACTIONS,
         _C, _D)
     columns = (_D, _C) if table_order in ("columns_swapped",
                                           "both_swapped") else (_C, _D)
-    cells = {(row, column): "  {}, {}".format(
-        format_points(payoffs[row, column, 0]),
-        format_points(payoffs[row, column, 1]))
+    cells = {(row, column): (f"  {format_points(payoffs[row, column, 0])},"
+                             f" {format_points(payoffs[row, column, 1])}")
              for row in (_C, _D) for column in (_C, _D)}
     label_width = max(len(action) for action in actions)
     column_width = max(label_width + 4,

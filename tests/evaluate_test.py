@@ -63,7 +63,7 @@ def expected_regrets(policy: str, game: str) -> tuple[float, float]:
     """Mean (deontological, utilitarian) regret over the protocol, by hand."""
     deont, util = [], []
     for start, moves in zip(PROTOCOL_INITIAL, PROTOCOL_MOVES):
-        prev_m, prev_o = start
+        _, prev_o = start  # M's previous move does not enter either regret.
         for opponent in moves:
             action = prev_o if policy == "copy" else policy
             if action == "illegal":
@@ -73,7 +73,6 @@ def expected_regrets(policy: str, game: str) -> tuple[float, float]:
                 deont.append(4.0 if (action, prev_o) == ("D", "C") else 0.0)
                 u_max = UTILITARIAN_MAX[game]
                 util.append((u_max - sum(PAYOFFS[game][action + opponent])) / (u_max + 6))
-                prev_m = action
             prev_o = opponent
     return float(np.mean(deont)), float(np.mean(util))
 
@@ -248,7 +247,7 @@ def test_tiny_model_smoke(tiny_run, model_results):
     assert [m.name for m in model_results.models] == ["seed1", "seed2", "base", "base+utilitarian"]
     assert [m.name for m in model_results.beyond_models] == ["seed1", "seed2", "base"]
     assert len(model_results.matrix) == 2 * 2
-    for (game, variant), records in model_results.matrix.items():
+    for (_, variant), records in model_results.matrix.items():
         assert records.action.shape == (4, 4, 3)
         assert records.tokens.shape == (4, 4, 3, 2)  # action3 is two tokens.
         legal = (records.action >= 0).mean(axis=(1, 2))
@@ -260,7 +259,7 @@ def test_tiny_model_smoke(tiny_run, model_results):
         np.testing.assert_array_equal(records.prompt_index // 4, records.prev_m * 2 + records.prev_o)
         assert np.all((0 <= records.regret_deont) & (records.regret_deont <= 6))
         assert np.all((0 <= records.regret_util) & (records.regret_util <= 1))
-    for family, records in model_results.beyond.items():
+    for records in model_results.beyond.values():
         assert records.tokens.shape == (3, 6, 1, 5)
         for tokens, action in zip(records.tokens.reshape(-1, 5), records.action.ravel()):
             assert prompts.parse_action_host(run.tokenizer, tokens, prompts.TEST_ACTIONS) == action

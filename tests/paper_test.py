@@ -24,7 +24,7 @@ def test_config_holds_the_papers_run_matrix_in_two_programs():
     suite = paper.suite_from_config_dict(paper_config())
     assert [name for name, _ in suite.programs] == ["vs_tft", "vs_llm"]
     expected = ["game", "deont", "util", "game_deont", "game->deont", "game->util"]
-    for (name, cfg), opponent, batch in zip(suite.programs, ("tft", "llm"), (5, 3)):
+    for (_, cfg), opponent, batch in zip(suite.programs, ("tft", "llm"), (5, 3)):
         assert [c.name for c in cfg.all_conditions()] == [f"{r}_vs_{opponent}" for r in expected]
         assert cfg.run.batch_size == batch
         assert cfg.run.num_episodes == 1000
@@ -147,7 +147,8 @@ def test_findings_fail_on_contrary_numbers():
     final = dict(GOOD_FINAL, util={"C|C": 0.3, "D|D": 0.7}, game={"C|C": 0.8, "C|D": 0.2},
                  deont={"C|C": 0.8, "D|C": 0.2}, **{"game->util": {"C|C": 0.9, "C|D": 0.1}})
     types = dict(GOOD_TYPES, util_vs_tft={"IPD": {"D|D": 1.0}, "ICD": {"D|D": 1.0}},
-                 game_vs_tft={"IPD": {"C|C": 1.0}, "ICD": {"C|C": 1.0}}, base={"IPD": {"C|C": 1.0}, "ICD": {"C|C": 1.0}})
+                 game_vs_tft={"IPD": {"C|C": 1.0}, "ICD": {"C|C": 1.0}},
+                 base={"IPD": {"C|C": 1.0}, "ICD": {"C|C": 1.0}})
     regrets = dict(GOOD_REGRETS, deont_vs_tft={"IPD": (3.0, 0.3), "ICD": (3.0, 0.3)},
                    util_vs_tft={"IPD": (1.0, 0.7), "ICD": (1.0, 0.2)})
     verdicts = _findings(_program(final, types, regrets, before_switch={"C|C": 0.9, "C|D": 0.1}))
