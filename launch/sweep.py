@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:  # Run as a script from a source checkout.
 
 from moraljax import config_lib  # noqa: E402
 from moraljax import reporting  # noqa: E402
+from moraljax import workdir as workdir_lib  # noqa: E402
 
 PLAN_FILENAME = "sweep.json"
 PARTS_DIRNAME = "parts"
@@ -237,9 +238,11 @@ def check_plan(workdir: pathlib.Path, plan: dict[str, Any]) -> None:
 
     path = workdir / PLAN_FILENAME
     train.check_workdir(workdir, plan, filename=PLAN_FILENAME, holder="a sweep")
-    if not path.exists():
-        workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(plan, indent=2) + "\n")
+    # Held only while writing: parts may run on other machines at once (--part),
+    # each holding its own part's workdir.
+    with workdir_lib.hold(workdir, purpose="a sweep's plan"):
+        if not path.exists():
+            workdir_lib.write_text_atomic(path, json.dumps(plan, indent=2) + "\n")
 
 
 def is_finished(workdir: pathlib.Path, part: Part) -> bool:
@@ -429,6 +432,12 @@ def merge(parts: Sequence[Part], workdir: pathlib.Path) -> dict[str, Any]:
     unfinished = [p.name for p in parts if not is_finished(workdir, p)]
     if unfinished:
         raise ValueError(f"parts {unfinished} of the sweep in {workdir} have not finished; run them first.")
+    with workdir_lib.hold(workdir, purpose="a sweep's merge"):
+        return _merge_locked(parts, workdir)
+
+
+def _merge_locked(parts: list[Part], workdir: pathlib.Path) -> dict[str, Any]:
+    """`merge`'s writing, while the sweep's workdir is held."""
     metrics_path = merge_metrics(parts, workdir)
     tensorboard_dir = workdir / reporting.TENSORBOARD_DIRNAME
     shutil.rmtree(tensorboard_dir, ignore_errors=True)  # Rebuilt whole, not appended.
@@ -489,7 +498,8 @@ def main(argv):
     print(f"sweep: {len(_CONFIGS.value)} condition(s), {learners} learners in {len(parts)} program(s)")
     if _DRY_RUN.value:
         for part in parts:
-            print(f"part {part.name}: " + shlex.join(part_command(part, workdir, _OVERRIDES.value, _LAUNCH_FLAGS.value)))
+            command = part_command(part, workdir, _OVERRIDES.value, _LAUNCH_FLAGS.value)
+            print(f"part {part.name}: " + shlex.join(command))
         return
     try:
         check_plan(workdir, _plan_record(parts, _OVERRIDES.value))

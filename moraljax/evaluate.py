@@ -83,6 +83,7 @@ from moraljax import config_lib
 from moraljax import games
 from moraljax import prompts
 from moraljax import rewards
+from moraljax import workdir as workdir_lib
 from moraljax.llm import gemma2
 from moraljax.llm import sampling
 from moraljax.rl import rollout
@@ -169,7 +170,8 @@ class EvalSettings:
         set_("actions", config_lib.check_action_pair("actions", self.actions))
         set_("table_orders", _check_names("table_orders", self.table_orders, prompts.TABLE_ORDERS, empty_ok=False))
         if isinstance(self.extra_actions, str) or not isinstance(self.extra_actions, (tuple, list)):
-            config_lib.fail("extra_actions", self.extra_actions, "a list of action pairs, e.g. [('action1', 'action2')]")
+            config_lib.fail("extra_actions", self.extra_actions,
+                            "a list of action pairs, e.g. [('action1', 'action2')]")
         extra = tuple(config_lib.check_action_pair("extra_actions", pair) for pair in self.extra_actions)
         if self.actions in extra or len(set(extra)) != len(extra):
             config_lib.fail("extra_actions", self.extra_actions, "distinct pairs other than `actions`")
@@ -1041,7 +1043,7 @@ def write_outputs(results: EvalResults, tokenizer, settings: EvalSettings, out_d
     _write_csv(out_dir / "regrets.csv", tables["regrets"])
     _write_csv(out_dir / "action_types.csv", tables["action_types"])
     title = "Generalisation" + (f": {meta['condition']}" if meta and meta.get("condition") else "")
-    (out_dir / "regrets.md").write_text(regrets_markdown(tables, variants, title))
+    workdir_lib.write_text_atomic(out_dir / "regrets.md", regrets_markdown(tables, variants, title))
     plot_regrets(tables, variants, out_dir / "regrets.png")
     plot_action_types(tables, variants[0], out_dir / "action_types.png")
     files = ["decisions.csv", "models.csv", "regrets.csv", "action_types.csv", "regrets.md", "regrets.png",
@@ -1062,7 +1064,7 @@ def write_outputs(results: EvalResults, tokenizer, settings: EvalSettings, out_d
         "beyond": tables["beyond"],
         "files": files + ["evaluation.json"],
     }
-    (out_dir / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    workdir_lib.write_text_atomic(out_dir / "evaluation.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -1112,7 +1114,11 @@ def evaluate_workdir(
             f"workdir={str(workdir)!r} has no config.json; expected the directory of a training run"
             " (python -m moraljax.launch --config=... --workdir=...)."
         )
-    cfg = config_lib.experiment_from_config_dict(json.loads(config_path.read_text()))
+    try:
+        cfg = config_lib.experiment_from_config_dict(json.loads(config_path.read_text()))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} cannot be read ({error}); expected the JSON a training run"
+                         " writes there.") from None
     checkpoint_dir = workdir / "checkpoints"
     # Checkpointer creates its directory, so look before constructing it.
     step = None
@@ -1179,10 +1185,15 @@ def main(argv):
     if not workdir:
         sys.exit("moraljax: give --workdir=<training run> (or --config=configs/eval.py:<training run>)")
     out_dir = pathlib.Path(out_dir) if out_dir else pathlib.Path(workdir) / EVALUATION_DIRNAME
-    try:
-        evaluate_workdir(workdir, settings_from_dict(values), out_dir=out_dir, progress=True)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"moraljax: {error}")
+    from moraljax import cli
+
+    with cli.stops_cleanly():
+        settings = settings_from_dict(values)
+        if not pathlib.Path(workdir).is_dir():
+            raise ValueError(f"workdir={workdir!r} is not a directory; expected the directory of a finished"
+                             " training run.")
+        with workdir_lib.hold(workdir, purpose="evaluation"):
+            evaluate_workdir(workdir, settings, out_dir=out_dir, progress=True)
     print((out_dir / "regrets.md").read_text())
 
 
@@ -1195,8 +1206,10 @@ def run():
     config_flags.DEFINE_config_file("config", None, "Evaluation config (configs/eval.py:<workdir>).")
     flags.DEFINE_string("workdir", None, "The finished training run to evaluate.")
     flags.DEFINE_string("out_dir", None, "Output directory (default <workdir>/evaluation).")
+    from moraljax import cli
+
     logging.set_verbosity(logging.WARNING)
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, config_required=False))
 
 
 if __name__ == "__main__":

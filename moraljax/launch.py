@@ -25,6 +25,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from moraljax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config>[_<variant>]).")
 
@@ -85,10 +87,8 @@ def main(argv):
             suite = paper.suite_from_config_dict(_CONFIG.value)
         except (ValueError, NotImplementedError) as error:
             sys.exit(f"moraljax: bad config: {error}")
-        try:
+        with cli.stops_cleanly():
             paper.run_suite(suite, workdir, progress=_PROGRESS.value)
-        except (ValueError, FileNotFoundError) as error:  # Refused before any work.
-            sys.exit(f"moraljax: {error}")
         print((workdir / paper.REPORT_FILENAME).read_text())
         return
     try:
@@ -97,10 +97,8 @@ def main(argv):
         sys.exit(f"moraljax: bad config: {error}")
     if distributed.is_writer():
         print(f"{distributed.topology()}; workdir {workdir}")
-    try:
+    with cli.stops_cleanly():
         summary = train.train(cfg, workdir, progress=_PROGRESS.value, checkpoint_dir=_CHECKPOINT_DIR.value)
-    except (ValueError, FileNotFoundError) as error:  # Refused before any work.
-        sys.exit(f"moraljax: {error}")
     if summary is not None:
         print((workdir / "summary.md").read_text())
         print(f"outputs in {workdir}")
@@ -115,7 +113,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
     """
     early = flags.FlagValues()
     distributed_flag, *explicit_flags, timeout_flag = _define_distributed_flags(early)
-    early(argv, known_only=True)
+    try:
+        early(argv, known_only=True)
+    except flags.Error as error:
+        sys.exit(f"moraljax: {cli.flag_error_line(error, argv, None)}")
     explicit = [holder.value for holder in explicit_flags]
     if not distributed_flag.value and any(v is not None for v in explicit):
         sys.exit("moraljax: --coordinator_address/--num_processes/--process_id need --distributed")
@@ -126,7 +127,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
             distributed.initialize(distributed.settings_from(*explicit, timeout_s=timeout_flag.value))
         except (ValueError, TimeoutError) as error:
             sys.exit(f"moraljax: {error}")
-    return app.parse_flags_with_usage(argv)
+    return cli.parse_flags(argv, config_required=True)
 
 
 def run():

@@ -40,6 +40,7 @@ import numpy as np
 from moraljax import config_lib
 from moraljax import games
 from moraljax import reporting
+from moraljax import workdir as workdir_lib
 
 REPORT_FILENAME = "report.md"
 REPORT_JSON = "report.json"
@@ -117,7 +118,6 @@ def run_suite(suite: Suite, workdir: str | pathlib.Path, *, progress: bool = Tru
     """
     import jax
 
-    from moraljax import evaluate
     from moraljax import train
 
     if jax.process_count() > 1:
@@ -130,8 +130,17 @@ def run_suite(suite: Suite, workdir: str | pathlib.Path, *, progress: bool = Tru
     for name, cfg in suite.programs:  # All refusals before any work.
         train.check_workdir(workdir / name, train.resolved_config(cfg))
         train.model_directory(cfg.model.path)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / SUITE_CONFIG).write_text(json.dumps(resolved, indent=2) + "\n")
+    with workdir_lib.hold(workdir, purpose="the paper suite"):
+        return _run_suite_locked(suite, workdir, resolved, progress=progress)
+
+
+def _run_suite_locked(suite: Suite, workdir: pathlib.Path, resolved: dict[str, Any], *,
+                      progress: bool) -> dict[str, Any]:
+    """`run_suite`'s work, while the suite's workdir is held."""
+    from moraljax import evaluate
+    from moraljax import train
+
+    workdir_lib.write_text_atomic(workdir / SUITE_CONFIG, json.dumps(resolved, indent=2) + "\n")
     say = print if progress else (lambda *_: None)
 
     timings = {}
@@ -143,11 +152,12 @@ def run_suite(suite: Suite, workdir: str | pathlib.Path, *, progress: bool = Tru
         timings[f"train {name}"] = time.time() - started
     for name, _ in suite.programs:
         started = time.time()
-        evaluate.evaluate_workdir(workdir / name, suite.evaluation, progress=progress)
+        with workdir_lib.hold(workdir / name, purpose="evaluation"):
+            evaluate.evaluate_workdir(workdir / name, suite.evaluation, progress=progress)
         timings[f"evaluate {name}"] = time.time() - started
     report = build_report(workdir, suite, timings)
-    (workdir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
-    (workdir / REPORT_FILENAME).write_text(report_markdown(report))
+    workdir_lib.write_text_atomic(workdir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
+    workdir_lib.write_text_atomic(workdir / REPORT_FILENAME, report_markdown(report))
     say(f"report: {workdir / REPORT_FILENAME}")
     return report
 

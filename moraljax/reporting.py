@@ -42,6 +42,7 @@ import numpy as np
 import tensorboardX
 
 from moraljax import games
+from moraljax import workdir as workdir_lib
 
 ACTION_TYPE_NAMES = games.ACTION_TYPE_NAMES
 NUM_ACTION_TYPES = len(ACTION_TYPE_NAMES)
@@ -937,9 +938,10 @@ def write_summary(workdir: str | os.PathLike,
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "summary.json").write_text(
-        json.dumps(summary, indent=2) + "\n")
-    (workdir / "summary.md").write_text(summary_markdown(summary))
+    workdir_lib.write_text_atomic(workdir / "summary.json",
+                                  json.dumps(summary, indent=2) + "\n")
+    workdir_lib.write_text_atomic(workdir / "summary.md",
+                                  summary_markdown(summary))
 
 
 def write_report(workdir: str | os.PathLike,
@@ -966,7 +968,10 @@ def write_report(workdir: str | os.PathLike,
 
 def save_resolved_config(workdir: str | os.PathLike,
                          config: Mapping[str, Any]) -> None:
-    """Writes config.json (sorted keys, indented) into workdir.
+    """Writes config.json (sorted keys, indented) into workdir, atomically.
+
+    An identical existing file is left untouched (a resumed run does not
+    rewrite it).
 
     Args:
         workdir: the run directory (created if missing).
@@ -979,5 +984,8 @@ def save_resolved_config(workdir: str | os.PathLike,
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(
-        json.dumps(config, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    path = workdir / "config.json"
+    if path.exists() and path.read_text() == text:
+        return
+    workdir_lib.write_text_atomic(path, text)

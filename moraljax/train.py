@@ -20,12 +20,14 @@ draws exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import pathlib
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -36,9 +38,11 @@ from flax import nnx
 from moraljax import config_lib
 from moraljax import distributed
 from moraljax import games
+from moraljax import interrupts
 from moraljax import opponents
 from moraljax import prompts
 from moraljax import sharding as sharding_lib
+from moraljax import workdir as workdir_lib
 from moraljax.llm import gemma2
 from moraljax.llm import lora as lora_lib
 from moraljax.llm import sampling
@@ -243,9 +247,15 @@ def check_workdir(workdir: pathlib.Path, resolved: dict[str, Any], *, filename: 
             loaded, compiled or written.
     """
     existing_path = workdir / filename
-    if not existing_path.exists():
+    if not existing_path.is_file():
         return
-    existing = json.loads(existing_path.read_text())
+    try:
+        existing = json.loads(existing_path.read_text())
+    except (ValueError, OSError) as error:
+        raise ValueError(
+            f"{existing_path} cannot be read ({error}); expected the JSON that {holder} writes there."
+            f" Nothing was changed: if this workdir is yours and {holder} of this config, delete"
+            f" {existing_path.name} to resume it, or use another --workdir.") from None
     if existing == resolved:
         return
 
@@ -479,10 +489,73 @@ def _shares_text(metrics: dict[str, np.ndarray]) -> str:
     return f"C {coop:.0%} D {defect:.0%} illegal {1 - coop - defect:.0%}"
 
 
+class NonFiniteError(ValueError):
+    """Training produced NaN or infinite losses, advantages or parameters."""
+
+
+@jax.jit
+def _finite_per_learner(learners: LearnerState) -> jax.Array:
+    """[N] bool: whether every trainable parameter and Adam moment of learner n is finite."""
+    leaves = jax.tree.leaves((learners.trainable, learners.opt_state))
+    checks = [jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+              for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(checks), axis=0)
+
+
+def check_finite(episodes: np.ndarray, stats: dict[str, np.ndarray], params_finite: np.ndarray,
+                 learner_info: list[dict[str, Any]]) -> None:
+    """Raises NonFiniteError naming the first bad episode and its learners.
+
+    Args:
+        episodes: [K] episode numbers of the chunk.
+        stats: update statistics {name: [K, N]} (losses, advantages, KL, ...).
+        params_finite: [N] whether each learner's parameters are finite after
+            the chunk.
+        learner_info: per learner, its seed and condition (for the message).
+    """
+    bad = np.zeros(np.shape(next(iter(stats.values()))), bool) if stats else None
+    names = []
+    for name, values in sorted(stats.items()):
+        nonfinite = ~np.isfinite(np.asarray(values, np.float64))
+        if nonfinite.any():
+            names.append(name)
+            bad |= nonfinite
+    if names:
+        k = int(np.argmax(bad.any(axis=1)))
+        learners, where = np.flatnonzero(bad[k]), f"episode {int(episodes[k])}"
+        what = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    elif not np.all(params_finite):
+        learners, where = np.flatnonzero(~np.asarray(params_finite)), (
+            f"episodes {int(episodes[0])}-{int(episodes[-1])}")
+        what = "parameters"
+    else:
+        return
+    who = ", ".join(f"{n} ({learner_info[n]['condition']} seed {learner_info[n]['seed']})"
+                    for n in learners[:4]) + (", ..." if len(learners) > 4 else "")
+    raise NonFiniteError(
+        f"training diverged at {where}: non-finite {what} for learner(s) {who}; no checkpoint or"
+        " adapter was written from it (the newest checkpoint is the last good one). Lower"
+        " ppo.learning_rate or check the reward scale.")
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process (every process must stop together)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 def train(cfg: config_lib.ExperimentConfig, workdir: str | pathlib.Path, *, progress: bool = True,
           stop_after: int | None = None, devices=None,
           checkpoint_dir: str | pathlib.Path | None = None) -> dict[str, Any] | None:
     """Trains (or resumes) a run in `workdir` and writes its outputs.
+
+    The workdir is locked for the whole run (`moraljax.workdir`). Ctrl-C or
+    SIGTERM stops it after the current chunk with a checkpoint
+    (`interrupts.Stopped`); a chunk with non-finite losses or parameters stops
+    it before anything is saved from that chunk (`NonFiniteError`).
 
     Args:
         cfg: the validated experiment.
@@ -501,14 +574,30 @@ def train(cfg: config_lib.ExperimentConfig, workdir: str | pathlib.Path, *, prog
 
     Raises:
         ValueError / FileNotFoundError: bad settings or a workdir holding a
-            different run, before anything is loaded or written.
+            different run or in use by another process, before anything is
+            loaded or written.
+        NonFiniteError: training diverged.
+        interrupts.Stopped: a stop was requested (after a checkpoint).
     """
-    from moraljax import checkpointing
-    from moraljax import reporting
-
     workdir = pathlib.Path(workdir)
     resolved = resolved_config(cfg)
     check_workdir(workdir, resolved)
+    model_directory(cfg.model.path)
+    is_writer = distributed.is_writer()
+    # One process (the writer) holds the lock for the whole multi-process job.
+    lock = workdir_lib.hold(workdir, purpose="training") if is_writer else contextlib.nullcontext()
+    with interrupts.stop_requests() as stop, lock:
+        return _train_locked(cfg, workdir, resolved, stop, progress=progress, stop_after=stop_after,
+                             devices=devices, checkpoint_dir=checkpoint_dir)
+
+
+def _train_locked(cfg: config_lib.ExperimentConfig, workdir: pathlib.Path, resolved: dict[str, Any],
+                  stop: interrupts.StopRequests, *, progress: bool, stop_after: int | None, devices,
+                  checkpoint_dir: str | pathlib.Path | None) -> dict[str, Any] | None:
+    """`train`'s body, run while the workdir is held and stop requests are recorded."""
+    from moraljax import checkpointing
+    from moraljax import reporting
+
     is_writer = distributed.is_writer()
     started = time.time()
     run = build_run(cfg, devices=devices)
@@ -518,15 +607,17 @@ def train(cfg: config_lib.ExperimentConfig, workdir: str | pathlib.Path, *, prog
         f" prompts of {run.env.prompts.ids.shape[1]} tokens, {run.sampling.gen_len} generated tokens")
 
     checkpointer = checkpointing.Checkpointer(checkpoint_dir or workdir / "checkpoints")
-    start = checkpointer.latest_step() or 0
+    report = print if is_writer else (lambda *_: None)
     # Hosts that each see their own local disk would resume from different
     # episodes and deadlock in the first collective; refuse instead.
     distributed.check_same_on_all_processes(
-        start, f"the episode to resume from in {checkpointer.directory}",
+        checkpointer.latest_step() or 0, f"the episode to resume from in {checkpointer.directory}",
         "the checkpoint directory must be shared by every host (e.g. --checkpoint_dir=gs://bucket/run).")
+    start, restored = checkpointer.restore_latest(run.learners, is_writer=is_writer, say=report)
     if start:
-        run.learners, _ = checkpointer.restore(start, run.learners)
+        run.learners = restored
         say(f"resumed from the checkpoint at episode {start} in {workdir}")
+    checkpointer.prune()
     writer = reporting.RunWriter(
         workdir,
         run.learner_info,
@@ -544,25 +635,42 @@ def train(cfg: config_lib.ExperimentConfig, workdir: str | pathlib.Path, *, prog
         import tqdm
 
         bar = tqdm.tqdm(total=cfg.run.num_episodes, initial=start, unit="episode", dynamic_ncols=True)
-    episode = start
-    while episode < total:
-        count = min(chunk, total - episode)
-        metrics, stats = run.advance(count)
-        writer.write_chunk(np.arange(episode, episode + count), metrics, stats)
-        crossed = (episode + count) // every > episode // every
-        episode += count
-        if crossed or episode == total:
-            checkpointer.save(episode, run.learners, {"episode": episode})
+    episode = saved = start
+    try:
+        while episode < total:
+            count = min(chunk, total - episode)
+            metrics, stats = run.advance(count)
+            episodes = np.arange(episode, episode + count)
+            # Before anything is written from the chunk: a diverged chunk leaves
+            # no rows, no checkpoint and no adapters behind.
+            check_finite(episodes, stats, _to_host(_finite_per_learner(run.learners)), run.learner_info)
+            writer.write_chunk(episodes, metrics, stats)
+            crossed = (episode + count) // every > episode // every
+            episode += count
+            if crossed or episode == total:
+                checkpointer.save(episode, run.learners, {"episode": episode})
+                saved = episode
+            if bar is not None:
+                bar.update(count)
+                bar.set_postfix_str(_shares_text(metrics))
+            if _any_process(stop.requested):  # Checked after the save: a Ctrl-C during it counts.
+                if saved != episode:
+                    checkpointer.save(episode, run.learners, {"episode": episode})
+                    saved = episode
+                break
+        if stop.requested and episode < cfg.run.num_episodes:
+            raise interrupts.Stopped(
+                stop.exit_status,
+                f"stopped at episode {episode} of {cfg.run.num_episodes} (checkpoint at episode {saved} in"
+                f" {checkpointer.directory}); run the same command again to resume.")
+        finished = episode >= cfg.run.num_episodes
+        if finished:
+            export_adapters(run, workdir / "adapters", is_writer=is_writer)
+        summary = writer.write_report() if finished else None
+    finally:
         if bar is not None:
-            bar.update(count)
-            bar.set_postfix_str(_shares_text(metrics))
-    if bar is not None:
-        bar.close()
-    checkpointer.close()
-    finished = episode >= cfg.run.num_episodes
-    if finished:
-        export_adapters(run, workdir / "adapters", is_writer=is_writer)
-    summary = writer.write_report() if finished else None
-    writer.close()
+            bar.close()
+        checkpointer.close()
+        writer.close()
     say(f"ran {episode - start} episodes in {time.time() - started:.1f}s (compilation included)")
     return summary
