@@ -203,8 +203,9 @@ class ModelSettings:
         temperature, top_k, top_p: sampling (paper: 1, 0 = off, 1 = off).
         gen_len: tokens generated per decision; 0 = the token length of the
             action strings (paper: exactly that, 2 for Gemma-2).
-        value_head_dropout: dropout on the value head input in the PPO
-            forward (TRL's ValueHead default 0.1).
+        value_head_dropout: dropout on the value head input (TRL's
+            ValueHead default 0.1). As in TRL 0.9.x it acts only in an update
+            forward with ppo.dropout_in_update=True (docs/PPO_SEMANTICS.md).
     """
 
     path: str = ""
@@ -420,8 +421,9 @@ def tiny_model_overrides(config: ml_collections.ConfigDict) -> None:
     every answer earns the same score, whitened advantages are pure noise and
     Adam's unit-size steps can walk the policy into always-illegal answers,
     from which constant -6 scores give no gradient back (seen in 1 of 5 seeds
-    after 900 episodes). Dropout is off so each episode's four paper-mode
-    gradients are identical and computed once.
+    after 900 episodes). Dropout is off: sampling then needs no dropout
+    masks and no dropout-free re-score of its answers (the update is one
+    dropout-free gradient either way, docs/PPO_SEMANTICS.md).
     """
     config.lora.rank = 8
     config.lora.alpha = 16.0

@@ -93,7 +93,9 @@ class ChunkSettings:
     num_episodes: int
     sampling: rollout.SamplingSettings
     ppo: ppo.PPOConfig
-    stochastic: bool  # Whether the PPO forward has dropout.
+    # Whether the policy has any dropout to apply when the update asks for
+    # it (ppo.dropout_in_update; TRL's update runs without).
+    stochastic: bool
 
 
 def init_learners(
@@ -136,7 +138,12 @@ def _update_one(
     ref_logprobs: jax.Array,
     key: jax.Array,
 ) -> tuple[LearnerState, dict[str, jax.Array]]:
-    """One PPO step of one learner on its B decisions (SPEC 6)."""
+    """One PPO step of one learner on its B decisions (SPEC 6).
+
+    Old log-probs and values are `decisions.logprobs` / `.values`, from a
+    dropout-free forward (rollout.py); `ppo_update` hands the forward a
+    dropout key only with `ppo.dropout_in_update` (rl/ppo.py).
+    """
 
     def forward(trainable, minibatch, dropout_key):
         policy = gemma2.merge_policy(graphdef, trainable, frozen)
@@ -447,7 +454,8 @@ def build_run(
         setup=sharding_lib.put(setup, learner_sh),
         learners=sharding_lib.put(learners, learner_sh),
         sampling=rollout.SamplingSettings(
-            gen_len=gen_len, temperature=cfg.model.temperature, top_k=cfg.model.top_k, top_p=cfg.model.top_p
+            gen_len=gen_len, temperature=cfg.model.temperature, top_k=cfg.model.top_k, top_p=cfg.model.top_p,
+            dropout=cfg.lora.dropout > 0,  # TRL samples in train mode (rl/ppo.py).
         ),
         learner_info=info,
         tokenizer=tokenizer,

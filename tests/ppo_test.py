@@ -273,9 +273,11 @@ NUM_FEATURES, NUM_ACTIONS, BATCH, LENGTH = 3, 4, 4, 2
 
 
 def toy_forward(params, minibatch, dropout_key, *, rate):
-    """Linear softmax policy and linear value head, dropout on features."""
+    """Linear softmax policy and linear value head, dropout on features.
+
+    A None dropout_key means no dropout (the LossFn contract)."""
     features = minibatch["features"]  # [b, L, F]
-    if rate > 0:
+    if rate > 0 and dropout_key is not None:
         keep = jax.random.bernoulli(dropout_key, 1.0 - rate, features.shape)
         features = jnp.where(keep, features / (1.0 - rate), 0.0)
     logits = features @ params["w"] + params["b"]
@@ -346,6 +348,8 @@ def assert_trees_close(a, b, **kwargs):
 
 
 PAPER = ppo.PPOConfig(learning_rate=1e-2)
+PAPER_DROPOUT_IN_UPDATE = ppo.PPOConfig(learning_rate=1e-2,
+                                        dropout_in_update=True)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -371,17 +375,19 @@ def reference_update(loss_fn, learning_rate, params, batch, schedule):
 
 
 def test_paper_mode_is_one_adam_step_on_mean_of_per_key_gradients():
+    # With dropout in the update (not TRL's default): 4 different gradients.
+    cfg = PAPER_DROPOUT_IN_UPDATE
     params, batch = toy_problem()
-    loss_fn = toy_loss_fn(0.5, PAPER)
-    optimizer = optimizer_for(PAPER)
+    loss_fn = toy_loss_fn(0.5, cfg)
+    optimizer = optimizer_for(cfg)
     key = jax.random.key(7)
     new_params, opt_state, stats = jit_update(
-        loss_fn, params, optimizer.init(params), optimizer, batch, key, PAPER)
+        loss_fn, params, optimizer.init(params), optimizer, batch, key, cfg)
     assert adam_count(opt_state) == 1
 
     # Reference: the 4 passes' rows and dropout keys, 4 gradients at the
     # SAME params, averaged, then one optax.adam update.
-    schedule = jit_schedule(key, BATCH, PAPER)
+    schedule = jit_schedule(key, BATCH, cfg)
     assert schedule.indices.shape == (1, 4, BATCH)
     expected, grads = reference_update(loss_fn, 1e-2, params, batch,
                                        schedule)
@@ -395,13 +401,15 @@ def test_paper_mode_is_one_adam_step_on_mean_of_per_key_gradients():
 
 def test_paper_mode_deterministic_shortcut_is_single_gradient():
     params, batch = toy_problem()
-    loss_fn = toy_loss_fn(0.0, PAPER)
+    loss_fn = toy_loss_fn(0.0, PAPER_DROPOUT_IN_UPDATE)
     optimizer = optimizer_for(PAPER)
     key = jax.random.key(3)
     shortcut = jit_update(loss_fn, params, optimizer.init(params),
-                          optimizer, batch, key, PAPER, stochastic=False)
+                          optimizer, batch, key, PAPER_DROPOUT_IN_UPDATE,
+                          stochastic=False)
+    # All 4 passes, each at the same params (dropout keys ignored: rate 0).
     full = jit_update(loss_fn, params, optimizer.init(params), optimizer,
-                      batch, key, PAPER, stochastic=True)
+                      batch, key, PAPER_DROPOUT_IN_UPDATE, stochastic=True)
     assert adam_count(shortcut.opt_state) == adam_count(full.opt_state) == 1
     assert_trees_close(shortcut.params, full.params, rtol=1e-5, atol=1e-7)
     # Equal to one gradient on the unpermuted full batch and one Adam step.
@@ -413,6 +421,57 @@ def test_paper_mode_deterministic_shortcut_is_single_gradient():
     # At unchanged params the ratio is 1 and nothing clips.
     np.testing.assert_allclose(full.stats["ratio_mean"], 1.0, rtol=1e-6)
     assert float(full.stats["clipfrac"]) == 0.0
+
+
+def test_paper_mode_default_is_one_dropout_free_gradient():
+    # TRL 0.9.x runs the update's forward in eval mode (rl/ppo.py): with the
+    # default dropout_in_update=False a loss whose model HAS dropout (rate
+    # 0.5) gets no key, and the 4 accumulated passes are one gradient.
+    params, batch = toy_problem()
+    optimizer = optimizer_for(PAPER)
+    key = jax.random.key(3)
+    args = (params, optimizer.init(params), optimizer, batch, key, PAPER)
+    with_dropout = toy_loss_fn(0.5, PAPER)
+    without_dropout = toy_loss_fn(0.0, PAPER)
+    # Dropout does not enter the program at all, so the two are one program
+    # and agree bit for bit.
+    lowered = [jit_update.lower(fn, *args).as_text()
+               for fn in (with_dropout, without_dropout)]
+    assert lowered[0] == lowered[1]
+    result = jit_update(with_dropout, *args)
+    dropout_free = jit_update(without_dropout, *args)
+    jax.tree.map(np.testing.assert_array_equal, result, dropout_free)
+    assert adam_count(result.opt_state) == 1
+    # ... one dropout-free gradient on the unpermuted batch, one Adam step.
+    one_pass = ppo.UpdateSchedule(
+        indices=jnp.arange(BATCH).reshape(1, 1, BATCH),
+        dropout_keys=jax.random.split(key, 1).reshape(1, 1))
+    expected, _ = reference_update(without_dropout, 1e-2, params, batch,
+                                   one_pass)
+    assert_trees_close(result.params, expected, rtol=1e-5, atol=1e-7)
+    # With dropout in the gradient the result is another one.
+    keyed = jit_update(with_dropout, params, optimizer.init(params),
+                       optimizer, batch, key, PAPER_DROPOUT_IN_UPDATE)
+    assert np.abs(np.asarray(keyed.params["w"] - result.params["w"])).max() > 1e-4
+
+
+@pytest.mark.parametrize("dropout_in_update", [False, True])
+@pytest.mark.parametrize("mode", ["paper", "standard"])
+def test_dropout_key_reaches_loss_only_when_asked(mode, dropout_in_update):
+    cfg = ppo.PPOConfig(mode=mode, gradient_accumulation_steps=(
+        4 if mode == "paper" else 1), dropout_in_update=dropout_in_update)
+    params, batch = toy_problem()
+    seen = []
+
+    def loss_fn(params, minibatch, dropout_key):
+        seen.append(dropout_key)  # At trace time: None or a traced key.
+        return toy_loss_fn(0.5, cfg)(params, minibatch, dropout_key)
+
+    optimizer = optimizer_for(cfg)
+    ppo.ppo_update(loss_fn, params, optimizer.init(params), optimizer, batch,
+                   jax.random.key(0), cfg)
+    assert seen
+    assert all((key is None) != dropout_in_update for key in seen)
 
 
 STANDARD = ppo.PPOConfig(mode="standard", learning_rate=0.5, ppo_epochs=2,
@@ -445,7 +504,8 @@ def test_standard_mode_steps_every_pass_and_matches_python_loop():
 def test_standard_mode_gradient_accumulation():
     params, batch = toy_problem()
     cfg = ppo.PPOConfig(mode="standard", learning_rate=0.1, ppo_epochs=2,
-                        num_minibatches=2, gradient_accumulation_steps=2)
+                        num_minibatches=2, gradient_accumulation_steps=2,
+                        dropout_in_update=True)
     loss_fn = toy_loss_fn(0.3, cfg)
     optimizer = optimizer_for(cfg)
     key = jax.random.key(2)
@@ -561,11 +621,13 @@ def test_ppo_step_kl_enters_rewards_and_controller():
     np.testing.assert_allclose(result.stats["kl_k3"], 3.5111090, rtol=1e-6)
     np.testing.assert_allclose(result.kl_controller.beta, 0.200008,
                                rtol=1e-6)
-    # Non-score reward: -0.2 * 9 = -1.8. The penalty adds -0.2 * 4.5 = -0.9
-    # to every token's reward, which moves A1 by -0.9 and A0 by
-    # -0.9 * (1 + 0.95): returns sum = 0.03 - 0.9 * 2.95 * 2 rows = -5.28.
-    np.testing.assert_allclose(result.stats["non_score_reward"], -1.8,
+    # Non-score reward, TRL's token mean: -0.2 * 4.5 = -0.9 (the sequence
+    # sum would be -1.8). The penalty adds -0.9 to every token's reward,
+    # which moves A1 by -0.9 and A0 by -0.9 * (1 + 0.95): returns sum =
+    # 0.03 - 0.9 * 2.95 * 2 rows = -5.28.
+    np.testing.assert_allclose(result.stats["mean_non_score_reward"], -0.9,
                                rtol=1e-6)
+    assert "non_score_reward" not in result.stats
     np.testing.assert_allclose(result.stats["seen_returns_sum"], -5.28,
                                rtol=1e-5)
 
@@ -644,6 +706,7 @@ def test_config_defaults_are_the_papers():
     assert (cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon) == (
         0.2, 6.0, 10000)
     assert cfg.mode == "paper" and cfg.score_clip is None
+    assert cfg.dropout_in_update is False  # TRL: eval-mode update forward.
     assert cfg.backward_passes == 4 and cfg.optimizer_steps == 1
     assert cfg.mini_batch_size(5) == 5
 
@@ -674,6 +737,7 @@ def test_config_defaults_are_the_papers():
     ("score_clip", 0.0),
     ("ratio_threshold", 0.0),
     ("max_grad_norm", -1.0),
+    ("dropout_in_update", 1),
     ("mode", "fast"),
 ])
 def test_config_rejects_bad_field(field, value):

@@ -4,10 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from moraljax import config_lib
 from moraljax import train
 from moraljax.llm import gemma2
+from moraljax.llm import lora
 from moraljax.llm import sampling
 from moraljax.rl import rollout
 
@@ -124,3 +126,66 @@ def test_behaviour_logprobs_equal_a_full_forward(episodes):
     )
     np.testing.assert_allclose(d.logprobs[0, n], full.logprobs, atol=2e-5)
     np.testing.assert_allclose(d.values[0, n], full.values, atol=2e-5)
+
+
+def with_random_lora_b(trainable, scale=0.3):
+    """Non-zero B factors: a fresh adapter (B = 0) would make LoRA dropout moot."""
+    flat = []
+    for index, (path, variable) in enumerate(nnx.to_flat_state(trainable)):
+        if path[-1] == lora.LORA_B_NAME:
+            variable = variable.copy(scale * jax.random.normal(jax.random.key(index), variable.shape))
+        flat.append((path, variable))
+    return nnx.from_flat_state(flat)
+
+
+@pytest.fixture(scope="module")
+def dropout_episode():
+    """One episode with the paper's dropout (LoRA 0.05, value head 0.1), two learners."""
+    config = config_lib.experiment_config("", reward="util")
+    config.run.seeds = (7, 8)
+    config.lora.dropout = 0.05
+    config.model.value_head_dropout = 0.1
+    run = train.build_run(config_lib.experiment_from_config_dict(config))
+    assert run.sampling.dropout
+    trainable = with_random_lora_b(run.learners.trainable)
+    keys = jax.vmap(jax.random.fold_in)(run.learners.key, run.learners.episode)
+    decisions = jax.jit(
+        lambda trainable, keys: rollout.rollout_episode(
+            run.graphdef, run.frozen, trainable, run.env, run.setup, run.learners.episode, keys,
+            batch_size=5, settings=run.sampling,
+        )
+    )(trainable, keys)
+    return run, trainable, keys, jax.device_get(decisions)
+
+
+def test_old_logprobs_are_a_dropout_free_forward_not_the_sampling_ones(dropout_episode):
+    # TRL: old log-probs and values come from batched_forward_pass in eval
+    # mode, sampling from the model in train mode (rl/ppo.py).
+    run, trainable, _, d = dropout_episode
+    for n in range(2):
+        policy = gemma2.merge_policy(run.graphdef, jax.tree.map(lambda x, n=n: x[n], trainable), run.frozen)
+        rows = jnp.asarray(d.prompt_row[n])
+        plain = sampling.score_responses(
+            policy, run.env.prompts.ids[rows], run.env.prompts.mask[rows], jnp.asarray(d.tokens[n])
+        )
+        np.testing.assert_allclose(d.logprobs[n], plain.logprobs, atol=2e-5)
+        np.testing.assert_allclose(d.values[n], plain.values, atol=2e-5)
+    assert np.abs(d.sampling_logprobs - d.logprobs).max() > 1e-2
+
+
+def test_sampling_logprobs_are_a_forward_with_the_decisions_dropout_key(dropout_episode):
+    # Decision b of learner n samples with the dropout half of its sampling
+    # key (rollout_episode's key derivation), in every episode.
+    run, trainable, keys, d = dropout_episode
+    n, batch = 1, 5
+    _, key_steps = jax.random.split(keys[n])
+    policy = gemma2.merge_policy(run.graphdef, jax.tree.map(lambda x: x[n], trainable), run.frozen)
+    for b, key_step in enumerate(jax.random.split(key_steps, batch)):
+        key_sample = jax.random.split(key_step, 4)[2]
+        _, key_dropout = jax.random.split(key_sample)
+        row = int(d.prompt_row[n, b])
+        keyed = sampling.score_responses(
+            policy, run.env.prompts.ids[row][None], run.env.prompts.mask[row][None],
+            jnp.asarray(d.tokens[n, b])[None], dropout_key=key_dropout,
+        )
+        np.testing.assert_allclose(d.sampling_logprobs[n, b], keyed.logprobs[0], atol=2e-5)

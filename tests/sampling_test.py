@@ -148,6 +148,36 @@ def test_score_dropout_is_keyed(policy, prompts):
     assert np.abs(np.asarray(dropped.values - plain.values)).max() > 1e-4
 
 
+def test_sampling_with_dropout_equals_a_forward_with_the_same_key(policy, prompts):
+    # TRL samples in train mode (rl/ppo.py): LoRA dropout acts while sampling.
+    ids, mask = prompts
+    key, dropout_key = jax.random.key(11), jax.random.key(12)
+    out = generate(policy, ids, mask, key, gen_len=GEN_LEN, dropout_key=dropout_key)
+    keyed = score(policy, ids, mask, out.tokens, dropout_key=dropout_key)
+    plain = score(policy, ids, mask, out.tokens)
+    # The masks sit at sequence positions: the same entries drop in every
+    # row of the padded batch as in one scoring forward with the key.
+    np.testing.assert_allclose(out.logprobs, keyed.logprobs, atol=2e-6)
+    assert np.abs(np.asarray(out.logprobs - plain.logprobs)).max() > 1e-3
+    other = score(policy, ids, mask, out.tokens, dropout_key=jax.random.key(13))
+    assert np.abs(np.asarray(out.logprobs - other.logprobs)).max() > 1e-3
+    # Generation never runs the value head in TRL: values carry the LoRA
+    # dropout of the forward, not value-head dropout (the same model with a
+    # dropout-free head scores them).
+    _, trainable, frozen = gemma2.split_policy(policy)
+    no_head_dropout = gemma2.init_policy(CONFIG, lora=lora.LoraConfig(rank=4), value_head_dropout=0.0,
+                                         key=jax.random.key(0))
+    head_graphdef, _, _ = gemma2.split_policy(no_head_dropout)
+    same_head = gemma2.merge_policy(head_graphdef, trainable, frozen)
+    np.testing.assert_allclose(out.values, score(same_head, ids, mask, out.tokens, dropout_key=dropout_key).values,
+                               atol=2e-6)
+    assert np.abs(np.asarray(out.values - keyed.values)).max() > 1e-4
+    # Tokens are drawn with `key` alone: without dropout, the same key draws
+    # from the dropout-free distribution through the KV cache.
+    cached = generate(policy, ids, mask, key, gen_len=GEN_LEN)
+    np.testing.assert_allclose(cached.logprobs, score(policy, ids, mask, cached.tokens).logprobs, atol=2e-5)
+
+
 def test_filter_logits_by_hand():
     logits = jnp.log(jnp.array([[0.1, 0.4, 0.2, 0.3]]))
     inf = -np.inf

@@ -1,5 +1,7 @@
 """End-to-end training on the built-in tiny model: learning, resume, sharding, errors."""
 
+import dataclasses
+import functools
 import json
 
 import jax
@@ -8,6 +10,7 @@ import pytest
 
 from moraljax import config_lib
 from moraljax import train
+from moraljax.rl import rollout
 
 
 def tiny_config(reward="util", arg="", **run):
@@ -20,6 +23,13 @@ def tiny_config(reward="util", arg="", **run):
 
 def experiment(config):
     return config_lib.experiment_from_config_dict(config)
+
+
+def with_paper_dropout(config, lora_dropout=0.05, value_head_dropout=0.1):
+    """The paper's dropout settings (SPEC 6) on a tiny config."""
+    config.lora.dropout = lora_dropout
+    config.model.value_head_dropout = value_head_dropout
+    return config
 
 
 def shares(action_types, window):
@@ -91,9 +101,12 @@ def test_llm_pair_learns_to_cooperate_under_utilitarian():
         assert end["C"] >= 0.95
 
 
-def test_resumed_run_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("dropout", [(0.0, 0.0), (0.05, 0.1)], ids=["no_dropout", "paper_dropout"])
+def test_resumed_run_equals_uninterrupted(tmp_path, dropout):
+    # With dropout, sampling draws LoRA dropout masks every episode from the
+    # episode's key, so the resumed episodes must redraw the same ones.
     config = tiny_config(seeds=(1, 2), num_episodes=6, episodes_per_chunk=2, checkpoint_every=2)
-    cfg = experiment(config)
+    cfg = experiment(with_paper_dropout(config, *dropout))
     train.train(cfg, tmp_path / "straight", progress=False)
     assert train.train(cfg, tmp_path / "resumed", progress=False, stop_after=4) is None
     train.train(cfg, tmp_path / "resumed", progress=False)
@@ -113,6 +126,62 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
         states.append(checkpointer.restore(6, run.learners)[0])
         checkpointer.close()
     jax.tree.map(np.testing.assert_array_equal, *states)
+
+
+def _update_program(run, settings):
+    """The jitted PPO update of every learner on one episode's decisions."""
+
+    def update(frozen, table, learners, decisions, ref_logprobs, keys):
+        one = functools.partial(train._update_one, run.graphdef, frozen, table, settings)
+        return jax.vmap(one)(learners, decisions, ref_logprobs, keys)
+
+    return jax.jit(update)
+
+
+def test_paper_update_with_dropout_is_one_dropout_free_gradient():
+    # TRL 0.9.x computes the update's forward in eval mode (rl/ppo.py): with
+    # the paper's LoRA dropout 0.05 and value-head dropout 0.1 an episode's
+    # update is ONE dropout-free gradient step.
+    free = train.build_run(experiment(tiny_config(seeds=(1, 2))))
+    paper = train.build_run(experiment(with_paper_dropout(tiny_config(seeds=(1, 2)))))
+    free.advance(1)  # Non-zero LoRA B factors, so dropout would matter.
+    learners = free.learners
+    keys = jax.vmap(jax.random.fold_in)(learners.key, learners.episode)
+    decisions = jax.jit(
+        lambda learners, keys: rollout.rollout_episode(
+            paper.graphdef, paper.frozen, learners.trainable, paper.env, paper.setup, learners.episode, keys,
+            batch_size=5, settings=paper.sampling,
+        )
+    )(learners, keys)
+    ref_logprobs = decisions.logprobs - 0.25  # Any reference: a KL of 0.25 per token.
+    args = (free.frozen, free.env.prompts, learners, decisions, ref_logprobs, keys)
+
+    # No dropout enters the program: it is the dropout-free one, so the
+    # results agree bit for bit.
+    paper_update = _update_program(paper, paper.chunk_settings(1))
+    free_update = _update_program(free, free.chunk_settings(1))
+    assert paper_update.lower(*args).as_text() == free_update.lower(*args).as_text()
+    with_dropout, stats = paper_update(*args)
+    without_dropout, free_stats = free_update(*args)
+    jax.tree.map(np.testing.assert_array_equal, (with_dropout, stats), (without_dropout, free_stats))
+    assert (np.asarray(with_dropout.opt_state[0].count) == 2).all()  # One Adam step this episode.
+
+    # The 4 accumulated passes of the paper collapse into that one gradient:
+    # all 4 computed (dropout rates 0, new row orders) give the same step up
+    # to float summation order.
+    settings = free.chunk_settings(1)
+    four_passes = dataclasses.replace(
+        settings, ppo=dataclasses.replace(settings.ppo, dropout_in_update=True), stochastic=True)
+    averaged, _ = _update_program(free, four_passes)(*args)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 with_dropout.trainable, averaged.trainable)
+
+    # With ppo.dropout_in_update=True the paper's dropout does act.
+    settings = paper.chunk_settings(1)
+    keyed = dataclasses.replace(settings, ppo=dataclasses.replace(settings.ppo, dropout_in_update=True))
+    dropped, _ = _update_program(paper, keyed)(*args)
+    difference = jax.tree.map(lambda a, b: np.abs(np.asarray(a - b)).max(), dropped.trainable, with_dropout.trainable)
+    assert max(jax.tree.leaves(difference)) > 1e-4
 
 
 def test_workdir_with_another_config_is_refused(tmp_path):

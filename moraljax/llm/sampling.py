@@ -11,7 +11,11 @@ Conventions shared with the PPO code (TRL 0.9 ``PPOTrainer``):
   logits at the chosen tokens (``token_log_probs``; training uses the same
   function, so behaviour and update log-probs agree bit for bit in float32);
 - the value of generated token i is the value head at the position whose
-  output predicts token i (the last prompt token for i = 0).
+  output predicts token i (the last prompt token for i = 0);
+- dropout masks are a function of (key, row, position in the prompt +
+  response sequence, feature): ``generate`` with a ``dropout_key`` and
+  ``score_responses`` with the same key drop the same entries, so a
+  sampled answer's log-probs can be recomputed exactly.
 
 Axis legend: B batch, T prompt length, L generated/response length,
 D model dim, V vocab.
@@ -268,34 +272,93 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     lora_enabled: bool = True,
+    dropout_key: jax.Array | None = None,
 ) -> GenerateOutput:
     """``prefill`` then ``generate_from_cache``: exactly ``gen_len`` tokens.
+
+    With a ``dropout_key`` the model samples as TRL's does in train mode
+    (LoRA dropout on, rl/ppo.py): every token is drawn from a full forward
+    of prompt + response (``_generate_with_dropout``), whose dropout masks
+    are those of ``score_responses`` with the same key.
 
     Args:
         policy: the policy.
         prompt_ids: int [B, T] left-padded prompts.
         prompt_mask: [B, T].
-        key: PRNG key.
+        key: PRNG key of the token draws.
         gen_len: static number of tokens.
         temperature, top_k, top_p: sampling settings (paper: 1, 0, 1).
         lora_enabled: static.
+        dropout_key: None for no dropout (the KV-cached path); otherwise
+            split like ``score_responses``' key, of which the LoRA half is
+            used (TRL's generation never runs the value head, so the values
+            returned are computed without value-head dropout).
 
     Returns:
         ``GenerateOutput``.
     """
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, lora_enabled=lora_enabled)
+    if dropout_key is not None:
+        return _generate_with_dropout(policy, prompt_ids, prompt_mask, key, gen_len, dropout_key, **settings)
     # The last token is never fed back: gen_len - 1 free slots suffice.
     cache, last_hidden = prefill(policy, prompt_ids, prompt_mask, gen_len - 1, lora_enabled=lora_enabled)
-    return generate_from_cache(
-        policy,
-        cache,
-        last_hidden,
-        key,
-        gen_len,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        lora_enabled=lora_enabled,
-    )
+    return generate_from_cache(policy, cache, last_hidden, key, gen_len, **settings)
+
+
+def _generate_with_dropout(
+    policy: gemma2.Policy,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    gen_len: int,
+    dropout_key: jax.Array,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    lora_enabled: bool,
+) -> GenerateOutput:
+    """Samples ``gen_len`` tokens, each from a full forward with dropout.
+
+    Step i runs the [B, T + gen_len] sequence of ``score_responses`` (the
+    tokens not drawn yet are placeholders, invisible to the positions read
+    by causality) with its dropout key and reads the output predicting
+    token i. Same shapes, same key: the same masks, so the log-probs equal
+    ``score_responses(..., dropout_key)`` of the drawn tokens. Without a KV
+    cache this costs gen_len full forwards instead of one prefill and
+    gen_len - 1 single-token steps (2 forwards of T + 2 tokens instead of
+    T + 1 token-forwards for the paper's 2 tokens); a cached version needs
+    the model's decode step to place its dropout rows at their sequence
+    positions.
+    """
+    if gen_len < 1:
+        raise ValueError(f"gen_len must be >= 1, got {gen_len}.")
+    key_model, _ = jax.random.split(dropout_key)
+    batch = prompt_ids.shape[0]
+    response = jnp.zeros((batch, gen_len), prompt_ids.dtype)
+    mask = jnp.concatenate([prompt_mask, jnp.ones_like(response, dtype=prompt_mask.dtype)], axis=1)
+    positions = gemma2.positions_from_mask(mask)
+    tokens, logprobs, values = [], [], []
+    for step in range(gen_len):  # 2 in the paper: unrolled.
+        out = policy.forward(
+            jnp.concatenate([prompt_ids, response], axis=1),
+            positions,
+            mask,
+            lora_enabled=lora_enabled,
+            dropout_key=key_model,
+            num_outputs=gen_len + 1,
+        )
+        hidden = out.hidden[:, step]
+        logits = policy.logits(hidden)
+        token = sample_token(
+            logits, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k, top_p=top_p
+        )
+        response = response.at[:, step].set(token.astype(response.dtype))
+        tokens.append(token)
+        logprobs.append(token_log_probs(logits, token))
+        values.append(policy.values(hidden))
+    stack = lambda arrays: jnp.stack(arrays, axis=1)
+    return GenerateOutput(tokens=stack(tokens), logprobs=stack(logprobs), values=stack(values))
 
 
 def score_responses(
@@ -309,8 +372,9 @@ def score_responses(
 ) -> ScoreOutput:
     """Log-probs, values and entropies of given responses (one full forward).
 
-    Differentiable; used by the PPO update (with dropout) and for the
-    reference log-probs (``lora_enabled=False``). Logits are computed only at
+    Differentiable; used by the PPO update, for the dropout-free old
+    log-probs and values of sampled answers, and for the reference
+    log-probs (``lora_enabled=False``). Logits are computed only at
     the L positions that predict response tokens.
 
     Args:

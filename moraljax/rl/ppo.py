@@ -19,6 +19,37 @@ settings (SPEC.md section 6), in the order of one step:
 
 ``ppo_step`` chains all of it; every function traces under ``jax.jit``.
 
+Dropout (LoRA dropout 0.05 and value-head dropout 0.1 in the paper) acts
+where it acted in the authors' TRL 0.9.6 runs, and nowhere else. Lines of
+trl/trainer/ppo_trainer.py (0.9.6; 0.11.4 is the same):
+
+- Sampling sees LoRA dropout. ``AutoModelForCausalLMWithValueHead
+  .from_pretrained(..., peft_config=...)`` returns the model in train mode
+  (trl/models/modeling_base.py wraps it with ``get_peft_model``; checked
+  with TRL 0.11.4 and peft 0.21.2: every LoRA dropout module reports
+  training=True), and neither ``PPOTrainer.generate`` nor ``step`` switches
+  it to eval before the next episode's generation. Generation never runs
+  the value head (modeling_value_head.py, ``generate`` delegates to the
+  wrapped model), so value-head dropout plays no part there.
+- Old log-probs, values and reference log-probs come from
+  ``batched_forward_pass``, which calls ``model.eval()`` first (line 1005):
+  no dropout. They are NOT the sampling distribution's log-probs.
+- The update's own forward is ``batched_forward_pass`` too (line 817, in
+  eval mode); ``train_minibatch`` calls ``self.model.train()`` (line 1088)
+  only after that forward, just before ``accelerator.backward`` (line 1093).
+  So no gradient of the authors' runs saw dropout, and with 4 epochs of one
+  minibatch accumulated into one step, the 4 passes are the same gradient
+  at the same parameters: ``ppo_update`` computes it once.
+
+``PPOConfig.dropout_in_update`` (default False, as above) is the switch for
+users who want dropout in the gradient: each backward pass then gets its own
+dropout key. It means the same in both modes; "standard" differs from
+"paper" only in how passes are grouped into optimiser steps. Callers
+(``rollout.py``, ``train.py``) do the sampling side: dropout on the LoRA
+input while sampling, then a dropout-free forward of the sampled tokens for
+the old log-probs and values (skipped when LoRA dropout is 0, where the
+sampling log-probs already are the dropout-free ones).
+
 Axis legend: B decisions in the batch (one prompt + response each), L
 response tokens per decision, b decisions in a minibatch, P backward passes
 per update (epochs x minibatches), S optimiser steps per update, K backward
@@ -43,12 +74,13 @@ import numpy as np
 import optax
 
 PyTree = Any
-# loss_fn(params, minibatch, dropout_key) -> (scalar loss, {name: scalar}).
-LossFn = Callable[[PyTree, PyTree, jax.Array],
+# loss_fn(params, minibatch, dropout_key) -> (scalar loss, {name: scalar});
+# dropout_key None means no dropout (``PPOConfig.dropout_in_update`` False).
+LossFn = Callable[[PyTree, PyTree, jax.Array | None],
                   tuple[jax.Array, Mapping[str, jax.Array]]]
-# forward_fn(params, minibatch, dropout_key)
+# forward_fn(params, minibatch, dropout_key or None)
 #   -> (logprobs [b, L], values [b, L], {name: scalar} extra stats).
-ForwardFn = Callable[[PyTree, PyTree, jax.Array],
+ForwardFn = Callable[[PyTree, PyTree, jax.Array | None],
                      tuple[jax.Array, jax.Array, Mapping[str, jax.Array]]]
 
 # Keys ``ppo_step`` adds to the caller's batch before ``ppo_update``; the
@@ -132,6 +164,11 @@ class PPOConfig:
         ratio_threshold: a minibatch whose mean ratio exceeds this has its
             loss set to zero (TRL's guard against unstable steps).
         max_grad_norm: global-norm gradient clipping; None (paper) = none.
+        dropout_in_update: False (paper, TRL 0.9.x): the update's forward
+            passes run without dropout, as TRL's ``batched_forward_pass``
+            in eval mode (module docstring). True: each backward pass gets
+            its own dropout key, so the model's LoRA and value-head dropout
+            act in the gradient (and in paper mode the P passes differ).
         mode: "paper": the authors' effective update, ONE Adam step per call
             on the average of all ppo_epochs x num_minibatches gradients,
             all taken at the same parameters, so it requires
@@ -163,6 +200,7 @@ class PPOConfig:
     score_clip: float | None = None
     ratio_threshold: float = 10.0
     max_grad_norm: float | None = None
+    dropout_in_update: bool = False
     mode: str = "paper"
 
     def __post_init__(self):
@@ -194,6 +232,7 @@ class PPOConfig:
                       low_open=True)
         _check_number("max_grad_norm", self.max_grad_norm, low=0,
                       low_open=True, allow_none=True)
+        _check_bool("dropout_in_update", self.dropout_in_update)
         if self.mode not in MODES:
             raise ValueError(
                 f"PPOConfig.mode = {self.mode!r} is not a known mode; "
@@ -643,7 +682,8 @@ def make_loss_fn(forward_fn: ForwardFn, cfg: PPOConfig) -> LossFn:
     Args:
         forward_fn: (params, minibatch, dropout_key) -> (logprobs [b, L],
             values [b, L], extra scalar stats such as entropy). It reads its
-            own inputs (tokens, ...) from the minibatch.
+            own inputs (tokens, ...) from the minibatch, and applies no
+            dropout when dropout_key is None.
         cfg: cliprange, cliprange_value, vf_coef, ratio_threshold.
 
     Returns:
@@ -766,28 +806,36 @@ def ppo_update(loss_fn: LossFn, params: PyTree, opt_state: optax.OptState,
     "standard" mode: S optimiser steps; after the first the ratio moves away
     from 1 and clipping can act.
     "paper" mode: K = P, so exactly ONE optimiser step on the average of all
-    P gradients at the current parameters (each pass with its own dropout
-    key): the authors' effective update (4 epochs, 1 minibatch, 4
-    accumulation steps), where the ratio is 1 and clipping never acts.
-    With ``stochastic=False`` (the caller's forward pass is deterministic,
-    e.g. dropout off) the epochs only reorder rows, so for a loss that is a
-    mean over decisions (as ``ppo_losses``) the average over all epochs
-    equals the average over one epoch's minibatches; only those
-    num_minibatches gradients are computed (one with the paper's single
-    minibatch).
+    P gradients at the current parameters: the authors' effective update
+    (4 epochs, 1 minibatch, 4 accumulation steps), where the ratio is 1 and
+    clipping never acts.
+
+    Dropout: with ``cfg.dropout_in_update`` False (TRL's behaviour, module
+    docstring) loss_fn gets ``None`` as its dropout key in every pass; with
+    True each pass gets its own key from the schedule. When the passes are
+    deterministic (no dropout in the update, or ``stochastic=False``), the
+    epochs of paper mode only reorder rows, so for a loss that is a mean
+    over decisions (as ``ppo_losses``) the average over all epochs equals
+    the average over one epoch's minibatches; only those num_minibatches
+    gradients are computed (ONE with the paper's single minibatch: the 4
+    accumulated passes collapse exactly into one dropout-free gradient).
 
     Args:
-        loss_fn: (params, minibatch, dropout_key) -> (scalar loss, dict of
-            scalar stats); differentiated w.r.t. params.
+        loss_fn: (params, minibatch, dropout_key or None) -> (scalar loss,
+            dict of scalar stats); differentiated w.r.t. params.
         params: trainable parameters (a pytree).
         opt_state: state of ``optimizer`` for params.
         optimizer: e.g. ``make_optimizer(cfg)``.
         batch: pytree whose leaves all have leading axis B; minibatches are
             gathered rows of every leaf.
-        key: PRNG key of this update (permutations and dropout keys).
-        cfg: ppo_epochs, num_minibatches, gradient_accumulation_steps, mode.
-        stochastic: False promises that loss_fn ignores its dropout key;
-            enables the single-epoch shortcut in paper mode.
+        key: PRNG key of this update (permutations and dropout keys; the
+            schedule is drawn the same way whether or not keys are used).
+        cfg: ppo_epochs, num_minibatches, gradient_accumulation_steps, mode,
+            dropout_in_update.
+        stochastic: False promises that loss_fn gives the same result for
+            every dropout key (e.g. every dropout rate is 0); only matters
+            with ``cfg.dropout_in_update``, where it enables the single-epoch
+            shortcut in paper mode.
 
     Returns:
         PPOUpdateResult(params, opt_state, stats): stats are the loss_fn
@@ -807,8 +855,15 @@ def ppo_update(loss_fn: LossFn, params: PyTree, opt_state: optax.OptState,
             f"leading sizes {sorted(leading, key=str)}; allowed: one B")
     (batch_size,) = leading
     schedule = make_update_schedule(key, batch_size, cfg)
+    if cfg.dropout_in_update:
+        pass_loss_fn = loss_fn
+    else:
+        # TRL's eval-mode forward. The schedule's keys are still drawn, so
+        # the permutations do not depend on the switch; they go unused.
+        def pass_loss_fn(params, minibatch, unused_dropout_key):
+            return loss_fn(params, minibatch, None)
 
-    if cfg.mode == "paper" and not stochastic:
+    if cfg.mode == "paper" and not (cfg.dropout_in_update and stochastic):
         # One epoch's minibatches only (see docstring).
         first_epoch = slice(0, cfg.num_minibatches)
         schedule = UpdateSchedule(
@@ -818,7 +873,7 @@ def ppo_update(loss_fn: LossFn, params: PyTree, opt_state: optax.OptState,
     def optimizer_step(carry, window):
         params, opt_state = carry
         indices, dropout_keys = window
-        grads, stats = _mean_gradient(loss_fn, params, batch, indices,
+        grads, stats = _mean_gradient(pass_loss_fn, params, batch, indices,
                                       dropout_keys)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -873,9 +928,13 @@ def ppo_step(loss_fn: LossFn, params: PyTree, opt_state: optax.OptState,
         batch: dict of the caller's per-decision inputs, leading axis B
             (tokens, ...), without the reserved keys.
         scores: float [B], raw scores (rewards of the decisions).
-        old_logprobs: float [B, L], behaviour logprobs, no dropout.
+        old_logprobs: float [B, L], log-probs of the sampled tokens from a
+            forward WITHOUT dropout (TRL's eval-mode
+            ``batched_forward_pass``); when sampling had dropout these are
+            not the sampling log-probs.
         ref_logprobs: float [B, L], reference logprobs.
-        old_values: float [B, L], behaviour values, no dropout.
+        old_values: float [B, L], values from the same dropout-free
+            forward.
         key: PRNG key of this step.
         cfg: the PPO configuration.
         stochastic: see ``ppo_update``.
@@ -889,8 +948,10 @@ def ppo_step(loss_fn: LossFn, params: PyTree, opt_state: optax.OptState,
         passes, e.g. entropy when the loss_fn reports it) plus kl (mean
         per-sequence k1, the controller's input), kl_k1 and kl_k3 (per
         token), beta (used for the rewards), entropy_sampled (mean
-        per-sequence -sum old_logprobs), non_score_reward (mean
-        per-sequence KL penalty), score_raw_mean / score_raw_std (batch,
+        per-sequence -sum old_logprobs), mean_non_score_reward (TRL's
+        ``ppo/mean_non_score_reward``: the token mean of the KL penalty
+        -beta * (old_logp - ref_logp), ``masked_mean`` over response
+        tokens), score_raw_mean / score_raw_std (batch,
         std ddof 1), score_norm_mean / score_norm_std, moments_mean /
         moments_std (after the update), advantages_mean (before whitening),
         returns_mean, values_mean.
@@ -955,7 +1016,7 @@ def ppo_step(loss_fn: LossFn, params: PyTree, opt_state: optax.OptState,
         beta=beta,
         entropy_sampled=jnp.mean(
             -jnp.sum(old_logprobs.astype(jnp.float32), axis=-1)),
-        non_score_reward=jnp.mean(-beta * kl.k1_per_sequence),
+        mean_non_score_reward=-beta * kl.k1,
         score_raw_mean=score_raw_mean,
         score_raw_std=score_raw_std,
         score_norm_mean=jnp.mean(normalised),

@@ -4,8 +4,9 @@ An episode is `batch_size` sequential one-shot decisions against the same
 opponent. Decision t of learner n:
 
     state (prev_m, prev_o) -> random option orders -> prompt index
-    -> sample gen_len tokens from learner n's policy (LoRA on, no dropout):
-       behaviour log-probs and values come with the sample
+    -> sample gen_len tokens from learner n's policy (LoRA on, with LoRA
+       dropout when `SamplingSettings.dropout`, as TRL samples in train
+       mode; rl/ppo.py)
     -> parse the tokens into C, D or illegal (the exact host rule, in jit)
     -> the opponent moves -> every reward type and both regrets
     -> next state (M's move only if legal, O's always for fixed opponents)
@@ -16,6 +17,11 @@ learner whose opponent is another learner (LLM vs LLM, SPEC 3) reads its
 partner's parsed answer in the same step; each sees the prompt and payoffs
 from its own side and updates its state of the other's move only when that
 move was legal.
+
+The PPO update needs the old log-probs and values of a forward WITHOUT
+dropout (TRL's eval-mode `batched_forward_pass`). Without sampling dropout
+the sampler's own log-probs and values are that; with it, the episode ends
+with one dropout-free forward of every learner's B answers (`rescore`).
 
 The reference model (the base with the adapter off) never changes during a
 run, so its prefill of the distinct prompts is computed once per chunk
@@ -44,12 +50,20 @@ from moraljax.llm import sampling
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
-    """Static sampling settings (paper: gen_len 2, temperature 1, full softmax)."""
+    """Static sampling settings (paper: gen_len 2, temperature 1, full softmax).
+
+    Attributes:
+        gen_len: tokens per answer.
+        temperature, top_k, top_p: the sampling distribution.
+        dropout: sample with the policy's LoRA dropout (training: the
+            paper's runs sampled in train mode); off for evaluation.
+    """
 
     gen_len: int
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    dropout: bool = False
 
 
 @flax.struct.dataclass
@@ -101,8 +115,12 @@ class Decisions:
     Attributes:
         prompt_row: int32, row of `Environment.prompts` the learner saw.
         tokens: int32 [N, B, L] generated ids.
-        logprobs: float32 [N, B, L] behaviour log-probs (no dropout).
-        values: float32 [N, B, L] behaviour values (no dropout).
+        logprobs: float32 [N, B, L] old log-probs for the PPO update: the
+            policy's, without dropout, of the sampled tokens.
+        values: float32 [N, B, L] values from the same dropout-free forward.
+        sampling_logprobs: float32 [N, B, L] log-probs under the
+            distribution the tokens were drawn from (with LoRA dropout when
+            sampling had it; then they differ from `logprobs`).
         action: int32 parsed action, 0 = C, 1 = D, -1 = illegal.
         opponent_action: int32 O's move (0/1).
         opponent_legal: bool, False only when an LLM opponent was illegal.
@@ -118,6 +136,7 @@ class Decisions:
     tokens: jax.Array
     logprobs: jax.Array
     values: jax.Array
+    sampling_logprobs: jax.Array
     action: jax.Array
     opponent_action: jax.Array
     opponent_legal: jax.Array
@@ -150,6 +169,7 @@ def _sample_one(
     ids: jax.Array,
     mask: jax.Array,
     key: jax.Array,
+    dropout_key: jax.Array | None,
     settings: SamplingSettings,
 ) -> sampling.GenerateOutput:
     """One learner samples an answer to one prompt: [T] -> [L] arrays."""
@@ -163,6 +183,7 @@ def _sample_one(
         temperature=settings.temperature,
         top_k=settings.top_k,
         top_p=settings.top_p,
+        dropout_key=dropout_key,
     )
     return jax.tree.map(lambda x: x[0], out)
 
@@ -226,18 +247,23 @@ def rollout_episode(
     def decide(state: games.GameState, keys_t: jax.Array):
         split = jax.vmap(lambda k: jax.random.split(k, 4))(keys_t)
         key_option, key_answer, key_sample, key_opponent = jnp.moveaxis(split, 1, 0)
+        key_dropout = None
+        if settings.dropout:
+            # Split only here, so runs without dropout keep their streams.
+            key_sample, key_dropout = jnp.moveaxis(jax.vmap(jax.random.split)(key_sample), 1, 0)
         # SPEC 4: both option orders drawn independently at every prompt.
         first_option = jax.vmap(jax.random.bernoulli)(key_option).astype(jnp.int32)
         first_answer = jax.vmap(jax.random.bernoulli)(key_answer).astype(jnp.int32)
         index = prompts.prompt_index(state.prev_m, state.prev_o, first_option, first_answer)
         row = setup.player * num_prompts + index
-        sample = jax.vmap(_sample_one, in_axes=(None, None, 0, 0, 0, 0, None))(
+        sample = jax.vmap(_sample_one, in_axes=(None, None, 0, 0, 0, 0, 0, None))(
             graphdef,
             frozen,
             trainable,
             env.prompts.ids[row],
             env.prompts.mask[row],
             key_sample,
+            key_dropout,
             settings,
         )
         action = prompts.match_actions(env.matcher, sample.tokens)
@@ -255,6 +281,7 @@ def rollout_episode(
             tokens=sample.tokens,
             logprobs=sample.logprobs,
             values=sample.values,
+            sampling_logprobs=sample.logprobs,
             action=action,
             opponent_action=a_o,
             opponent_legal=legal_o,
@@ -265,7 +292,41 @@ def rollout_episode(
         return next_state, record
 
     _, records = jax.lax.scan(decide, state, step_keys)
-    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), records)  # [B, N] -> [N, B]
+    records = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), records)  # [B, N] -> [N, B]
+    if settings.dropout:
+        records = rescore(graphdef, frozen, trainable, env.prompts, records)
+    return records
+
+
+def rescore(
+    graphdef: nnx.GraphDef,
+    frozen: nnx.State,
+    trainable: nnx.State,
+    table: prompts.PromptTable,
+    decisions: Decisions,
+) -> Decisions:
+    """Old log-probs and values of the sampled answers, without dropout.
+
+    TRL's `batched_forward_pass` in eval mode: one forward of each learner's
+    B prompt + answer sequences at the parameters that sampled them.
+
+    Args:
+        graphdef: the policy's graph definition.
+        frozen: the frozen base state (shared).
+        trainable: [N, ...] LoRA factors and value heads.
+        table: the prompt table `decisions.prompt_row` indexes.
+        decisions: [N, B] records of an episode.
+
+    Returns:
+        `decisions` with `logprobs` and `values` from the dropout-free forward.
+    """
+
+    def one_learner(trainable, rows, tokens):
+        policy = gemma2.merge_policy(graphdef, trainable, frozen)
+        return sampling.score_responses(policy, table.ids[rows], table.mask[rows], tokens)
+
+    scored = jax.vmap(one_learner)(trainable, decisions.prompt_row, decisions.tokens)
+    return decisions.replace(logprobs=scored.logprobs, values=scored.values)
 
 
 @flax.struct.dataclass
