@@ -126,9 +126,11 @@ def run_suite(suite: Suite, workdir: str | pathlib.Path, *, progress: bool = Tru
             " train each program with its own experiment config and evaluate on one host.")
     workdir = pathlib.Path(workdir)
     resolved = _resolved(suite)
-    train.check_workdir(workdir, resolved, filename=SUITE_CONFIG, holder="a suite")
+    defaults = {"programs": {name: train.config_defaults(cfg) for name, cfg in suite.programs},
+                "evaluation": train.config_defaults(suite.evaluation)}
+    train.check_workdir(workdir, resolved, filename=SUITE_CONFIG, holder="a suite", defaults=defaults)
     for name, cfg in suite.programs:  # All refusals before any work.
-        train.check_workdir(workdir / name, train.resolved_config(cfg))
+        train.check_workdir(workdir / name, train.resolved_config(cfg), defaults=defaults["programs"][name])
         train.model_directory(cfg.model.path)
     with workdir_lib.hold(workdir, purpose="the paper suite"):
         return _run_suite_locked(suite, workdir, resolved, progress=progress)

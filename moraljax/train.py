@@ -243,9 +243,46 @@ def resolved_config(cfg: config_lib.ExperimentConfig) -> dict[str, Any]:
     return resolved
 
 
+def config_defaults(cfg: Any) -> dict[str, Any]:
+    """The default of every config field that has one, nested like `resolved_config`."""
+    defaults = {}
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if dataclasses.is_dataclass(value):
+            defaults[field.name] = config_defaults(value)
+        elif field.default is not dataclasses.MISSING:
+            defaults[field.name] = json.loads(json.dumps(field.default, default=str))
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = json.loads(json.dumps(field.default_factory(), default=str))
+    return defaults
+
+
+def _with_new_defaults(existing: Any, resolved: Any, defaults: Any) -> Any:
+    """`existing` plus every field it lacks that `resolved` holds at its default value.
+
+    A field added to the config after a workdir was written (at its default,
+    which is the behaviour the workdir's run had) does not make the workdir
+    "another config".
+    """
+    if not (isinstance(existing, dict) and isinstance(resolved, dict) and isinstance(defaults, dict)):
+        return existing
+    filled = dict(existing)
+    for key, value in resolved.items():
+        if key not in existing:
+            if key in defaults and defaults[key] == value:
+                filled[key] = value
+        else:
+            filled[key] = _with_new_defaults(existing[key], value, defaults.get(key))
+    return filled
+
+
 def check_workdir(workdir: pathlib.Path, resolved: dict[str, Any], *, filename: str = "config.json",
-                  holder: str = "a run") -> None:
+                  holder: str = "a run", defaults: dict[str, Any] | None = None) -> None:
     """Refuses a workdir whose `filename` records another config.
+
+    Fields missing from the recorded config count as equal when the new
+    config holds them at their `defaults` (fields added since the workdir was
+    written); the file is then rewritten with them by the run.
 
     Used for a run's config.json, a suite's suite.json and a sweep's plan.
 
@@ -263,6 +300,7 @@ def check_workdir(workdir: pathlib.Path, resolved: dict[str, Any], *, filename: 
             f"{existing_path} cannot be read ({error}); expected the JSON that {holder} writes there."
             f" Nothing was changed: if this workdir is yours and {holder} of this config, delete"
             f" {existing_path.name} to resume it, or use another --workdir.") from None
+    existing = _with_new_defaults(existing, resolved, defaults or {})
     if existing == resolved:
         return
 
@@ -589,7 +627,7 @@ def train(cfg: config_lib.ExperimentConfig, workdir: str | pathlib.Path, *, prog
     """
     workdir = pathlib.Path(workdir)
     resolved = resolved_config(cfg)
-    check_workdir(workdir, resolved)
+    check_workdir(workdir, resolved, defaults=config_defaults(cfg))
     model_directory(cfg.model.path)
     is_writer = distributed.is_writer()
     # One process (the writer) holds the lock for the whole multi-process job.

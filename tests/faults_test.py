@@ -5,6 +5,7 @@ behind, and that a run resumed after the fault ends identical (bit for bit,
 the same program on the same machine) to one that never met it.
 """
 
+import json
 import os
 import pathlib
 import shutil
@@ -282,6 +283,18 @@ def test_truncated_config_json_is_named_and_refused(tmp_path, straight_run):
     message = str(refused.value)
     assert f"{tmp_path / 'config.json'} cannot be read" in message and "\n" not in message
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def test_workdir_written_before_a_config_field_existed_still_resumes(tmp_path, straight_run):
+    shutil.copytree(straight_run, tmp_path, dirs_exist_ok=True)
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    del recorded["ppo"]["dropout_in_update"]  # Added later, with the behaviour older runs had as default.
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    train.train(experiment(short_config()), tmp_path, progress=False)
+    assert outputs(tmp_path) == outputs(straight_run)  # config.json rewritten with the field.
+    changed = short_config(**{"ppo.dropout_in_update": True})
+    with pytest.raises(ValueError, match="different config.*ppo.dropout_in_update: False there, True now"):
+        train.train(experiment(changed), tmp_path, progress=False)
 
 
 def test_atomic_write_replaces_whole_and_keeps_the_mode(tmp_path):
