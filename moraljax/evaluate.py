@@ -1143,7 +1143,7 @@ def evaluate_workdir(
     model_axis = cfg.mesh.model
     eval_cfg = dataclasses.replace(cfg, mesh=config_lib.MeshSettings(data=-1, model=model_axis))
     run = train.build_run(eval_cfg, devices=devices or jax.devices()[:model_axis])
-    learners, _ = checkpointer.restore(step, run.learners)
+    learners, _ = checkpointer.restore(step, run.real_learners())
     checkpointer.close()
     agents = [info for info in run.learner_info if info["player"] == 0]
     index = np.asarray([info["learner"] for info in agents])

@@ -7,11 +7,17 @@ Two mesh axes:
 Default: every device on `data`. The same program runs on one CPU, 8 fake
 CPU devices (tests), a GPU or a TPU slice; with several processes
 (jax.distributed) `jax.devices()` lists every process's devices.
+
+Any learner count uses every device of the mesh: with mesh.data = -1 the
+data axis takes min(devices, learners) devices (one learner each when there
+are fewer learners than devices), and the learner axis is padded with inert
+learners up to a multiple of its size (`padded_count`: 30 learners on 8
+devices become 32, 4 per device); train.py keeps the inert ones out of
+metrics, checkpoints and adapters.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,9 +39,9 @@ def make_mesh(
     """Builds the (data, model) mesh.
 
     Args:
-        settings: axis sizes. data = -1 takes as many of the devices not used
-            by `model` as split the learners evenly (all of them when the
-            learner count is a multiple of the device count).
+        settings: axis sizes. data = -1 takes every device not used by
+            `model`, or (fewer learners than that) one device per learner,
+            rounded up to a multiple of the process count.
         devices: defaults to `jax.devices()` (all processes).
         num_learners: the learner count, for data = -1.
 
@@ -54,7 +60,8 @@ def make_mesh(
             )
         data = len(devices) // model
         if num_learners is not None:
-            data = math.gcd(data, num_learners)
+            processes = jax.process_count()
+            data = min(data, -(-num_learners // processes) * processes)
     else:
         data = settings.data
     if data * model > len(devices):
@@ -107,15 +114,10 @@ def _take_from_every_process(devices: Sequence[jax.Device], count: int) -> list[
     return chosen
 
 
-def check_learners_fit(num_learners: int, mesh: Mesh) -> None:
-    """The learner axis must split evenly over the data axis."""
+def padded_count(num_learners: int, mesh: Mesh) -> int:
+    """The learner count rounded up to a multiple of the data axis."""
     data = mesh.shape[DATA]
-    if num_learners % data:
-        raise ValueError(
-            f"{num_learners} learners do not divide over mesh.data={data} devices;"
-            f" allowed: a learner count that is a multiple of {data} (change the"
-            " seeds or set mesh.data to a divisor of the learner count)."
-        )
+    return -(-num_learners // data) * data
 
 
 def learner_sharding(mesh: Mesh) -> NamedSharding:

@@ -366,6 +366,42 @@ class Run:
     base_config: gemma2.Gemma2Config
     _compiled: dict[int, Callable] = dataclasses.field(default_factory=dict)
 
+    @property
+    def num_real(self) -> int:
+        """Learners of the experiment; the learner axis may hold inert padding after them."""
+        return len(self.learner_info)
+
+    @property
+    def num_padding(self) -> int:
+        """Inert learners appended so the learner axis fills every device of the data axis."""
+        return int(self.setup.player.shape[0]) - self.num_real
+
+    def real_learners(self) -> LearnerState:
+        """The learner state without the inert padding (what checkpoints hold)."""
+        if not self.num_padding:
+            return self.learners
+        # An uneven slice of the learner axis: replicated (only with padding).
+        take = jax.jit(lambda tree: jax.tree.map(lambda x: x[:self.num_real], tree),
+                       out_shardings=sharding_lib.replicated(self.mesh))
+        return take(self.learners)
+
+    def set_real_learners(self, real: LearnerState) -> None:
+        """Puts restored real learners back in front of the current inert padding."""
+        if not self.num_padding:
+            self.learners = real
+            return
+        join = jax.jit(lambda a, b: jax.tree.map(lambda x, y: jnp.concatenate([x, y[self.num_real:]]), a, b),
+                       out_shardings=sharding_lib.learner_sharding(self.mesh))
+        self.learners = join(real, self.learners)
+
+    def plan(self) -> str:
+        """'5 learners (+3 inert) on 8 devices, 1 per device' for the start of a run."""
+        data = self.mesh.shape[sharding_lib.DATA]
+        total = self.num_real + self.num_padding
+        padding = f" (+{self.num_padding} inert, for an even split)" if self.num_padding else ""
+        return (f"{self.num_real} learners{padding} on a {dict(self.mesh.shape)} mesh of {self.mesh.size}"
+                f" device(s), {total // data} per data shard")
+
     def chunk_settings(self, num_episodes: int) -> ChunkSettings:
         """Static settings of a chunk of `num_episodes` episodes."""
         return ChunkSettings(
@@ -390,10 +426,11 @@ class Run:
         return self._compiled[num_episodes]
 
     def advance(self, num_episodes: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Runs `num_episodes` episodes; returns host metrics [K, N, B] / [K, N]."""
+        """Runs `num_episodes` episodes; returns host metrics [K, N, B] / [K, N] of the real learners."""
         fn = self.chunk_fn(num_episodes)
         self.learners, metrics, stats = fn(self.frozen, self.env, self.setup, self.learners)
-        return _to_host(metrics), _to_host(stats)
+        real = lambda tree: jax.tree.map(lambda x: x[:, :self.num_real], _to_host(tree))
+        return real(metrics), real(stats)
 
 
 def _learner_setups(condition: config_lib.Condition, num_episodes: int, first: int) -> list[rollout.LearnerSetup]:
@@ -426,6 +463,12 @@ def _learner_setups(condition: config_lib.Condition, num_episodes: int, first: i
     ]
 
 
+def _inert_setup(setup: rollout.LearnerSetup) -> rollout.LearnerSetup:
+    """A padding learner: plays TFT alone with `setup`'s reward; nobody reads its results."""
+    return setup.replace(opponent=jnp.asarray(opponents.opponent_id("tft"), jnp.int32),
+                         partner=jnp.asarray(-1, jnp.int32), player=jnp.asarray(0, jnp.int32))
+
+
 def build_run(
     cfg: config_lib.ExperimentConfig,
     *,
@@ -449,9 +492,9 @@ def build_run(
                 info.append({"learner": len(setups), "seed": seed, "condition": condition.name,
                              "player": int(setup.player), "opponent_is_llm": condition.players == 2})
                 setups.append(setup)
-    num_learners = len(setups)
-    mesh = sharding_lib.make_mesh(cfg.mesh, devices, num_learners)
-    sharding_lib.check_learners_fit(num_learners, mesh)
+    mesh = sharding_lib.make_mesh(cfg.mesh, devices, len(setups))
+    inert = _inert_setup(setups[0])
+    setups += [inert] * (sharding_lib.padded_count(len(setups), mesh) - len(setups))
     directory = model_directory(cfg.model.path)
     from moraljax.llm import checkpoints  # Imports transformers: keep it late.
 
@@ -481,7 +524,8 @@ def build_run(
     )
     setup = jax.tree.map(lambda *xs: jnp.stack(xs), *setups)
     graphdef, _, frozen = gemma2.split_policy(policy)
-    learners = init_learners(policy, [(i["seed"], i["player"]) for i in info], cfg.ppo)
+    seed_players = [(i["seed"], i["player"]) for i in info]
+    learners = init_learners(policy, seed_players + [(0, 0)] * (len(setups) - len(info)), cfg.ppo)
     learner_sh = sharding_lib.learner_sharding(mesh)
     return Run(
         cfg=cfg,
@@ -649,7 +693,7 @@ def _train_locked(cfg: config_lib.ExperimentConfig, workdir: pathlib.Path, resol
     run = build_run(cfg, devices=devices)
     say = print if (progress and is_writer) else (lambda *_: None)
     say(f"loaded {cfg.model.path or 'the built-in tiny model'} in {time.time() - started:.1f}s;"
-        f" {len(run.learner_info)} learners on a {dict(run.mesh.shape)} mesh,"
+        f" {run.plan()},"
         f" prompts of {run.env.prompts.ids.shape[1]} tokens, {run.sampling.gen_len} generated tokens")
 
     checkpointer = checkpointing.Checkpointer(checkpoint_dir or workdir / "checkpoints")
@@ -659,9 +703,9 @@ def _train_locked(cfg: config_lib.ExperimentConfig, workdir: pathlib.Path, resol
     distributed.check_same_on_all_processes(
         checkpointer.latest_step() or 0, f"the episode to resume from in {checkpointer.directory}",
         "the checkpoint directory must be shared by every host (e.g. --checkpoint_dir=gs://bucket/run).")
-    start, restored = checkpointer.restore_latest(run.learners, is_writer=is_writer, say=report)
+    start, restored = checkpointer.restore_latest(run.real_learners(), is_writer=is_writer, say=report)
     if start:
-        run.learners = restored
+        run.set_real_learners(restored)
         say(f"resumed from the checkpoint at episode {start} in {workdir}")
     checkpointer.prune()
     writer = reporting.RunWriter(
@@ -689,19 +733,20 @@ def _train_locked(cfg: config_lib.ExperimentConfig, workdir: pathlib.Path, resol
             episodes = np.arange(episode, episode + count)
             # Before anything is written from the chunk: a diverged chunk leaves
             # no rows, no checkpoint and no adapters behind.
-            check_finite(episodes, stats, _to_host(_finite_per_learner(run.learners)), run.learner_info)
+            check_finite(episodes, stats, _to_host(_finite_per_learner(run.learners))[:run.num_real],
+                         run.learner_info)
             writer.write_chunk(episodes, metrics, stats)
             crossed = (episode + count) // every > episode // every
             episode += count
             if crossed or episode == total:
-                checkpointer.save(episode, run.learners, {"episode": episode})
+                checkpointer.save(episode, run.real_learners(), {"episode": episode})
                 saved = episode
             if bar is not None:
                 bar.update(count)
                 bar.set_postfix_str(_shares_text(metrics))
             if _any_process(stop.requested):  # Checked after the save: a Ctrl-C during it counts.
                 if saved != episode:
-                    checkpointer.save(episode, run.learners, {"episode": episode})
+                    checkpointer.save(episode, run.real_learners(), {"episode": episode})
                     saved = episode
                 break
         if stop.requested and episode < cfg.run.num_episodes:

@@ -46,7 +46,7 @@ cfg = config_lib.experiment_from_config_dict(config)
 train.train(cfg, workdir, progress=False, checkpoint_dir=checkpoints)
 train.train(cfg, workdir, progress=False, checkpoint_dir=checkpoints)
 run = train.build_run(cfg)
-learners, meta = checkpointing.Checkpointer(checkpoints).restore(2, run.learners)
+learners, meta = checkpointing.Checkpointer(checkpoints).restore(2, run.real_learners())
 leaves = jax.tree.leaves(train._to_host(learners))
 if distributed.is_writer():
     np.savez(out, *leaves)
@@ -114,7 +114,7 @@ def test_two_processes_equal_one_process(tmp_path, assert_close_to_scale):
         reference = tmp_path / "reference"
         train.train(cfg, reference, progress=False, devices=devices)
         run = train.build_run(cfg, devices=devices)
-        learners, _ = checkpointing.Checkpointer(reference / "checkpoints").restore(2, run.learners)
+        learners, _ = checkpointing.Checkpointer(reference / "checkpoints").restore(2, run.real_learners())
         expected_leaves = jax.tree.leaves(train._to_host(learners))
     finally:
         outputs = finish(workers, timeout=240)

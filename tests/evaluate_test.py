@@ -239,7 +239,7 @@ def tiny_run():
 def model_results(tiny_run):
     _, run = tiny_run
     return evaluate.evaluate_policies(
-        run.graphdef, run.frozen, run.learners.trainable, run.tokenizer, SMALL, seeds=(1, 2))
+        run.graphdef, run.frozen, run.real_learners().trainable, run.tokenizer, SMALL, seeds=(1, 2))
 
 
 def test_tiny_model_smoke(tiny_run, model_results):
@@ -309,11 +309,11 @@ def test_evaluating_a_workdir_without_a_finished_run_is_refused(tmp_path, tiny_r
     cfg, run = tiny_run
     with pytest.raises(ValueError, match="has no config.json"):
         evaluate.evaluate_workdir(tmp_path / "empty", SMALL)
-    bare = _write_workdir(tmp_path / "bare", cfg, run.learners, None)
+    bare = _write_workdir(tmp_path / "bare", cfg, run.real_learners(), None)
     with pytest.raises(ValueError, match="has no checkpoint"):
         evaluate.evaluate_workdir(bare, SMALL)
     assert not (bare / "checkpoints").exists()
-    unfinished = _write_workdir(tmp_path / "unfinished", cfg, run.learners, 1)
+    unfinished = _write_workdir(tmp_path / "unfinished", cfg, run.real_learners(), 1)
     with pytest.raises(ValueError, match="unfinished run.*episode 1 of run.num_episodes=2"):
         evaluate.evaluate_workdir(unfinished, SMALL)
     assert not (unfinished / "evaluation").exists()
@@ -321,7 +321,7 @@ def test_evaluating_a_workdir_without_a_finished_run_is_refused(tmp_path, tiny_r
 
 def test_evaluate_workdir_restores_the_run_and_writes_outputs(tmp_path, tiny_run, model_results):
     cfg, run = tiny_run
-    workdir = _write_workdir(tmp_path / "run", cfg, run.learners, cfg.run.num_episodes)
+    workdir = _write_workdir(tmp_path / "run", cfg, run.real_learners(), cfg.run.num_episodes)
     summary = evaluate.evaluate_workdir(workdir, SMALL, progress=False)
     out = workdir / "evaluation"
     for name in summary["files"]:

@@ -160,7 +160,7 @@ def test_nonfinite_training_stops_before_saving_anything_from_it(tmp_path):
     cfg = experiment(config)
     run = train.build_run(cfg)
     checkpointer = checkpointing.Checkpointer(tmp_path / "checkpoints")
-    state, _ = checkpointer.restore(2, run.learners)
+    state, _ = checkpointer.restore(2, run.real_learners())
     checkpointer.close()
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state) if leaf.dtype.kind == "f")
     assert not (tmp_path / "adapters").exists() and not (tmp_path / "summary.json").exists()

@@ -123,7 +123,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, dropout):
     for name in ("straight", "resumed"):
         checkpointer = checkpointing.Checkpointer(tmp_path / name / "checkpoints")
         assert checkpointer.latest_step() == 6
-        states.append(checkpointer.restore(6, run.learners)[0])
+        states.append(checkpointer.restore(6, run.real_learners())[0])
         checkpointer.close()
     jax.tree.map(np.testing.assert_array_equal, *states)
 
@@ -214,6 +214,34 @@ def test_eight_devices_match_one(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), l1.trainable, l8.trainable)
 
 
+def test_padding_learners_change_no_real_learner_bit_for_bit():
+    # Five learners on four devices become eight (two per device, three inert);
+    # eight real learners on four devices hold the same five first.
+    results = []
+    for seeds in (range(1, 6), range(1, 9)):
+        cfg = experiment(tiny_config(seeds=tuple(seeds), num_episodes=2, episodes_per_chunk=2))
+        run = train.build_run(cfg, devices=jax.devices()[:4])
+        metrics, stats = run.advance(2)
+        results.append((run, metrics, stats, jax.device_get(run.real_learners())))
+    (padded, m5, s5, l5), (full, m8, s8, l8) = results
+    assert (padded.num_padding, full.num_padding) == (3, 0)
+    assert padded.mesh.shape["data"] == 4 and len(padded.learners.episode.sharding.device_set) == 4
+    assert m5["action_type"].shape[1] == 5 and sorted(s5) == sorted(s8)
+    first_five = lambda tree: jax.tree.map(lambda x: x[:, :5] if x.ndim > 1 and x.shape[1] == 8 else x, tree)
+    jax.tree.map(np.testing.assert_array_equal, (m5, s5), first_five((m8, s8)))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b[:5]), l5, l8)
+
+
+def test_thirty_learners_use_all_eight_devices():
+    cfg = experiment(tiny_config(seeds=tuple(range(30)), num_episodes=2))
+    run = train.build_run(cfg)
+    assert run.mesh.shape["data"] == 8 and (run.num_real, run.num_padding) == (30, 2)
+    assert len(run.learners.episode.sharding.device_set) == 8
+    assert run.plan() == ("30 learners (+2 inert, for an even split) on a {'data': 8, 'model': 1} mesh"
+                          " of 8 device(s), 4 per data shard")
+    assert run.real_learners().episode.shape == (30,)
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
@@ -222,8 +250,6 @@ def test_eight_devices_match_one(tmp_path):
         (lambda c: c.run.update(seeds=()), "run.seeds=()"),
         (lambda c: c.model.update(path="/no/such/model"), "model.path='/no/such/model'"),
         (lambda c: c.mesh.update(data=16), "needs 16 devices"),
-        (lambda c: (c.mesh.update(data=8), c.run.update(seeds=(1, 2, 3))),
-         "3 learners do not divide over mesh.data=8"),
         (lambda c: c.reward.update(switch_to="deont", switch_episode=2), "reward.switch_episode=2"),
         (lambda c: setattr(c, "conditions", [{"reward": "util", "opponent": "tft"}] * 2),
          "distinct conditions"),
