@@ -11,7 +11,6 @@ ConfigDict itself.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,30 +20,7 @@ from moraljax import games
 from moraljax import opponents
 from moraljax import prompts
 from moraljax import rewards
-
-
-def fail(field: str, value: Any, allowed: str) -> None:
-    """Raises the project's error for a bad setting: the field, its value, what is allowed."""
-    raise ValueError(f"{field}={value!r} is not allowed; expected {allowed}.")
-
-
-def check_finite(field: str, value: float) -> None:
-    """Refuses NaN/inf and non-numbers for `field`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        fail(field, value, "a finite number")
-    if not math.isfinite(value):
-        fail(field, value, "a finite number")
-
-
-def check_int(field: str, value: Any, minimum: int) -> None:
-    """Refuses non-integers (bools included) and integers below `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        fail(field, value, f"an integer >= {minimum}")
-
-
-def check_positive_int(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        fail(field, value, "a positive integer")
+from moraljax.validation import check_choice, check_finite, check_int, check_positive_int, fail  # noqa: F401
 
 
 def check_action_pair(field: str, value: Any) -> tuple[str, str]:
@@ -59,12 +35,6 @@ def check_action_pair(field: str, value: Any) -> tuple[str, str]:
     if not all(isinstance(a, str) and a and a == a.strip() for a in pair) or pair[0] == pair[1]:
         fail(field, value, "two different non-empty strings without surrounding blanks")
     return pair
-
-
-def check_choice(field: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        fail(field, value, "one of " + ", ".join(repr(a) for a in allowed))
-
 
 
 @dataclasses.dataclass(frozen=True)
