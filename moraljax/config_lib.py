@@ -167,7 +167,8 @@ class ModelSettings:
     """The base LLM and how it samples (SPEC 4, 6).
 
     Attributes:
-        path: a local Hugging Face Gemma2 directory; '' = the built-in tiny
+        path: a local Hugging Face directory of a supported family (Gemma 2,
+            Gemma 3 text, Llama 3.x, Qwen2.5, Qwen3); '' = the built-in tiny
             model (moraljax/llm/tiny), which needs no download.
         param_dtype: dtype of the frozen base weights.
         temperature, top_k, top_p: sampling (paper: 1, 0 = off, 1 = off).
@@ -412,14 +413,15 @@ def experiment_config(
     What every configs/ipd_*.py builds. Variants (the config's ARG after
     ':'): opponent=tft|ac|ad|random|llm (default tft; llm: a second learner
     of the same condition, 3 decisions per episode), model=tiny|<local
-    Gemma2 directory> (default: the built-in tiny model). Defaults are the
+    model directory> (default: the built-in tiny model). Defaults are the
     paper's: 1000 episodes of 5 decisions, seeds 1, 2, 3, 5, 6, LoRA
     r64/alpha 32, PPO lr 1.41e-5, adaptive KL from beta 0.2, bf16 base
     weights. With the tiny model `tiny_model_overrides` applies (LoRA r8,
     lr 1e-3, beta 0.05, no dropout) and explains why.
 
     Args:
-        arg: "opponent=tft|ac|ad|random|llm,model=tiny|/path/to/gemma-2-2b-it".
+        arg: "opponent=tft|ac|ad|random|llm,model=tiny|/path/to/model" (any
+            supported family, e.g. gemma-2-2b-it, Llama-3.2-1B-Instruct).
             Against "llm" (a second learner, SPEC 3) an episode has 3
             decisions, as in the paper.
         reward: training reward name (rewards.REWARD_NAMES).

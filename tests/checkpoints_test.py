@@ -14,10 +14,11 @@ import transformers
 from flax import nnx
 
 from moraljax.llm import checkpoints
-from moraljax.llm import gemma2
+from moraljax.llm import decoder
 from moraljax.llm import lora
+from moraljax.llm import policy as policy_lib
 
-CONFIG = gemma2.Gemma2Config(
+CONFIG = decoder.DecoderConfig(
     vocab_size=40,
     hidden_size=32,
     intermediate_size=48,
@@ -59,8 +60,8 @@ def _make_tokenizer(chat_template=CHAT_TEMPLATE):
 @pytest.fixture(scope="module")
 def source_policy():
     """A random policy with randomised norms (transformers inits them to zero)."""
-    policy = gemma2.init_policy(CONFIG, key=jax.random.key(0))
-    graphdef, trainable, frozen = gemma2.split_policy(policy)
+    policy = policy_lib.init_policy(CONFIG, key=jax.random.key(0))
+    graphdef, trainable, frozen = policy_lib.split_policy(policy)
     flat = []
     for index, (path, variable) in enumerate(nnx.to_flat_state(frozen)):
         value = variable[...]
@@ -69,7 +70,7 @@ def source_policy():
         else:
             value = 10.0 * value  # beyond the 0.02 init, so the softcaps bind
         flat.append((path, variable.copy(value)))
-    return gemma2.merge_policy(graphdef, trainable, nnx.from_flat_state(flat))
+    return policy_lib.merge_policy(graphdef, trainable, nnx.from_flat_state(flat))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def _copy(directory, tmp_path):
 
 
 def _frozen_leaves(policy):
-    return {".".join(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(gemma2.split_policy(policy)[2])}
+    return {".".join(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(policy_lib.split_policy(policy)[2])}
 
 
 def test_saved_checkpoint_loads_in_transformers_with_equal_logits(source_policy, checkpoint_dir):
@@ -127,10 +128,10 @@ def test_load_round_trip_and_tokenizer(source_policy, checkpoint_dir):
 
 
 def test_bfloat16_save_and_float32_load(source_policy, tmp_path):
-    graphdef, trainable, frozen = gemma2.split_policy(source_policy)
+    graphdef, trainable, frozen = policy_lib.split_policy(source_policy)
     bf16_frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
-    abstract = nnx.eval_shape(lambda: gemma2.Policy(CONFIG, param_dtype=jnp.bfloat16, key=jax.random.key(0)))
-    bf16_policy = gemma2.merge_policy(nnx.graphdef(abstract), trainable, bf16_frozen)
+    abstract = nnx.eval_shape(lambda: policy_lib.Policy(CONFIG, param_dtype=jnp.bfloat16, key=jax.random.key(0)))
+    bf16_policy = policy_lib.merge_policy(nnx.graphdef(abstract), trainable, bf16_frozen)
     checkpoints.save_hf_checkpoint(bf16_policy.model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     stored = safetensors.numpy.load_file(tmp_path / "model.safetensors")
@@ -174,10 +175,15 @@ def test_no_config_json(tmp_path):
 def test_wrong_model_type(checkpoint_dir, tmp_path):
     directory = _copy(checkpoint_dir, tmp_path)
     config = json.loads((directory / "config.json").read_text())
-    config["model_type"] = "llama"
+    config["model_type"] = "mistral"
     (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="model_type must be 'gemma2', got 'llama'"):
+    with pytest.raises(checkpoints.CheckpointError) as info:
         checkpoints.load_hf_model(directory, key=jax.random.key(0))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{directory / 'config.json'}: model_type='mistral' is not allowed; expected one of")
+    for family in ("'gemma2'", "'gemma3_text'", "'llama'", "'qwen2'", "'qwen3'"):
+        assert family in message
 
 
 def test_no_weights(checkpoint_dir, tmp_path):
@@ -244,3 +250,4 @@ def test_no_tokenizer(checkpoint_dir, tmp_path):
             file.unlink()
     with pytest.raises(ValueError, match="tokenizer"):
         checkpoints.load_tokenizer(directory)
+

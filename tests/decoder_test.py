@@ -24,6 +24,7 @@ from flax import nnx
 from moraljax.llm import checkpoints
 from moraljax.llm import decoder
 from moraljax.llm import lora
+from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
 
 VOCAB = 200
@@ -111,7 +112,7 @@ def _our_logits(policy, ids, mask):
 
 def _with_config(policy, config):
     """The same weights under another config (e.g. without a softcap)."""
-    abstract = nnx.eval_shape(lambda: decoder.Policy(config, key=jax.random.key(0)))
+    abstract = nnx.eval_shape(lambda: policy_lib.Policy(config, key=jax.random.key(0)))
     graphdef = nnx.graphdef(abstract)
     return nnx.merge(graphdef, nnx.state(policy))
 
@@ -238,7 +239,7 @@ def _adapted_policy(num_layers):
         sliding_window=3, query_pre_attn_scalar=4,
     )
     lora_config = lora.LoraConfig(rank=2, alpha=4.0, dropout=0.3)
-    policy = decoder.init_policy(config, lora=lora_config, value_head_dropout=0.0, key=jax.random.key(1))
+    policy = policy_lib.init_policy(config, lora=lora_config, value_head_dropout=0.0, key=jax.random.key(1))
     trainable = nnx.state(policy, lora.TRAINABLE)
     noise = jax.random.normal(jax.random.key(2), (sum(x.size for x in jax.tree.leaves(trainable)),))
     leaves, offset = [], 0

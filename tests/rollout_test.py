@@ -7,7 +7,7 @@ import pytest
 
 from moraljax import config_lib
 from moraljax import train
-from moraljax.llm import gemma2
+from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
 from moraljax.rl import rollout
 
@@ -106,7 +106,7 @@ def test_cached_reference_equals_a_full_forward(episodes):
     trainable_one = jax.tree.map(lambda x: x[0], run.learners.trainable)
     prefix = rollout.reference_prefix(run.graphdef, run.frozen, trainable_one, run.env.prompts, run.sampling.gen_len)
     cached = rollout.reference_logprobs(run.graphdef, run.frozen, trainable_one, prefix, rows, tokens)
-    policy = gemma2.merge_policy(run.graphdef, trainable_one, run.frozen)
+    policy = policy_lib.merge_policy(run.graphdef, trainable_one, run.frozen)
     full = sampling.score_responses(
         policy, run.env.prompts.ids[rows], run.env.prompts.mask[rows], tokens, lora_enabled=False
     ).logprobs
@@ -117,7 +117,7 @@ def test_behaviour_logprobs_equal_a_full_forward(episodes):
     run, d = episodes
     n = 0
     trainable = jax.tree.map(lambda x: x[n], run.learners.trainable)
-    policy = gemma2.merge_policy(run.graphdef, trainable, run.frozen)
+    policy = policy_lib.merge_policy(run.graphdef, trainable, run.frozen)
     rows = jnp.asarray(d.prompt_row[0, n])
     full = sampling.score_responses(
         policy, run.env.prompts.ids[rows], run.env.prompts.mask[rows], jnp.asarray(d.tokens[0, n])

@@ -22,7 +22,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moraljax.llm import gemma2
+from moraljax.llm import decoder
+from moraljax.llm import policy as policy_lib
 
 
 @flax.struct.dataclass
@@ -142,13 +143,13 @@ def sample_token(
 
 
 def prefill(
-    policy: gemma2.Policy,
+    policy: policy_lib.Policy,
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
     max_new_tokens: int,
     *,
     lora_enabled: bool = True,
-) -> tuple[gemma2.KVCache, jax.Array]:
+) -> tuple[decoder.KVCache, jax.Array]:
     """Runs left-padded prompts through the model into a fresh cache.
 
     Args:
@@ -165,15 +166,15 @@ def prefill(
     chex.assert_rank([prompt_ids, prompt_mask], 2)
     chex.assert_equal_shape([prompt_ids, prompt_mask])
     batch, length = prompt_ids.shape
-    cache = gemma2.init_cache(policy.config, batch, length + max_new_tokens, policy.model.dtype)
-    positions = gemma2.positions_from_mask(prompt_mask)
+    cache = decoder.init_cache(policy.config, batch, length + max_new_tokens, policy.model.dtype)
+    positions = decoder.positions_from_mask(prompt_mask)
     out = policy.forward(prompt_ids, positions, prompt_mask, cache, lora_enabled=lora_enabled, num_outputs=1)
     return out.cache, out.hidden[:, -1]
 
 
 def decode_step(
-    policy: gemma2.Policy, cache: gemma2.KVCache, tokens: jax.Array, *, lora_enabled: bool = True
-) -> tuple[gemma2.KVCache, jax.Array]:
+    policy: policy_lib.Policy, cache: decoder.KVCache, tokens: jax.Array, *, lora_enabled: bool = True
+) -> tuple[decoder.KVCache, jax.Array]:
     """Feeds one token per row through the cache.
 
     Args:
@@ -193,8 +194,8 @@ def decode_step(
 
 
 def generate_from_cache(
-    policy: gemma2.Policy,
-    cache: gemma2.KVCache,
+    policy: policy_lib.Policy,
+    cache: decoder.KVCache,
     last_hidden: jax.Array,
     key: jax.Array,
     gen_len: int,
@@ -258,7 +259,7 @@ def generate_from_cache(
 
 
 def generate(
-    policy: gemma2.Policy,
+    policy: policy_lib.Policy,
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
     key: jax.Array,
@@ -299,7 +300,7 @@ def generate(
 
 
 def score_responses(
-    policy: gemma2.Policy,
+    policy: policy_lib.Policy,
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
     response_ids: jax.Array,
@@ -339,7 +340,7 @@ def score_responses(
     # response_len + 1 outputs, less the final token's.
     out = policy.forward(
         tokens,
-        gemma2.positions_from_mask(mask),
+        decoder.positions_from_mask(mask),
         mask,
         lora_enabled=lora_enabled,
         dropout_key=key_model,
