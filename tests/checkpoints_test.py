@@ -1,7 +1,10 @@
 """Hugging Face checkpoint directories: save, load, tokenizer, and clear errors."""
 
 import json
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,7 @@ from moraljax.llm import checkpoints
 from moraljax.llm import decoder
 from moraljax.llm import lora
 from moraljax.llm import policy as policy_lib
+from moraljax.llm import tiny
 
 CONFIG = decoder.DecoderConfig(
     vocab_size=40,
@@ -250,4 +254,51 @@ def test_no_tokenizer(checkpoint_dir, tmp_path):
             file.unlink()
     with pytest.raises(ValueError, match="tokenizer"):
         checkpoints.load_tokenizer(directory)
+
+
+# ----------------------------------------------------------------------------
+# Unusable directories: one line naming the file, from the library and from the command line.
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _launch_on(model_dir, tmp_path):
+    return subprocess.run(
+        [sys.executable, "-m", "moraljax.launch", f"--config=configs/ipd_util.py:model={model_dir}",
+         f"--workdir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_empty_model_directory_is_one_line_naming_config_json(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError) as info:
+        checkpoints.load_hf_checkpoint(empty, key=jax.random.key(0))
+    assert str(info.value) == f"{empty / 'config.json'} not found: not a Hugging Face checkpoint directory."
+    result = _launch_on(empty, tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"moraljax: {info.value}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_weights_are_one_line_naming_the_file(tmp_path):
+    directory = _copy(tiny.CHECKPOINT_DIR, tmp_path)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(checkpoints.CheckpointError) as info:
+        checkpoints.load_hf_checkpoint(directory, key=jax.random.key(0))
+    message = str(info.value)
+    assert message.startswith(f"{weights}: cannot be read as safetensors (truncated or corrupt?): ")
+    assert "\n" not in message
+    result = _launch_on(directory, tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"moraljax: {message}"
+
+
+def test_unreadable_config_json_is_one_line(checkpoint_dir, tmp_path):
+    directory = _copy(checkpoint_dir, tmp_path)
+    (directory / "config.json").write_text('{"model_type": "gemma2",')
+    with pytest.raises(checkpoints.CheckpointError, match=r"config.json: not valid JSON: "):
+        checkpoints.read_config(directory)
 
