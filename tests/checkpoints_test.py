@@ -16,6 +16,8 @@ import torch
 import transformers
 from flax import nnx
 
+from moraljax import games
+from moraljax import prompts
 from moraljax.llm import checkpoints
 from moraljax.llm import decoder
 from moraljax.llm import lora
@@ -302,3 +304,59 @@ def test_unreadable_config_json_is_one_line(checkpoint_dir, tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match=r"config.json: not valid JSON: "):
         checkpoints.read_config(directory)
 
+
+# ----------------------------------------------------------------------------
+# Tokenizer files that transformers 4.4x reads as well as 5.x.
+
+def _v5_only_form(config):
+    """The tokenizer_config.json form that transformers 5 writes and 4.57 refuses.
+
+    transformers 5's own class name, and the extra special tokens as a list
+    under a key that 4.x reads as a dict of named tokens.
+    """
+    out = {}
+    for key, value in config.items():
+        if key == "additional_special_tokens":
+            key = "extra_special_tokens"
+        elif key == "tokenizer_class":
+            value = "TokenizersBackend"
+        out[key] = value
+    return out
+
+
+def test_shipped_tokenizer_config_is_portable_and_reads_exactly_as_before(tmp_path):
+    shipped = json.loads((tiny.CHECKPOINT_DIR / "tokenizer_config.json").read_text())
+    assert shipped["tokenizer_class"] == checkpoints.PORTABLE_TOKENIZER_CLASS
+    assert "extra_special_tokens" not in shipped
+    # The same directory with the tokenizer_config.json it shipped with before.
+    before = _copy(tiny.CHECKPOINT_DIR, tmp_path)
+    (before / "tokenizer_config.json").write_text(json.dumps(_v5_only_form(shipped), indent=2))
+    new = transformers.AutoTokenizer.from_pretrained(str(tiny.CHECKPOINT_DIR), local_files_only=True)
+    old = transformers.AutoTokenizer.from_pretrained(str(before), local_files_only=True)
+    assert type(new) is type(old)
+    for name in ("pad_token", "bos_token", "eos_token", "unk_token", "padding_side", "chat_template", "all_special_ids"):
+        assert getattr(new, name) == getattr(old, name), name
+    assert len(new) == len(old)
+    # Every structured prompt, as a run tokenises it, gets the same ids.
+    for game in games.EVALUATION_GAME_NAMES:
+        for actions in (prompts.TRAIN_ACTIONS, prompts.TEST_ACTIONS):
+            for order in prompts.TABLE_ORDERS:
+                tables = [prompts.build_prompt_table(t, games.GAMES[game].payoffs, actions=actions, table_order=order)
+                          for t in (new, old)]
+                np.testing.assert_array_equal(tables[0].ids, tables[1].ids)
+    assert new.encode("hi action3", add_special_tokens=True) == old.encode("hi action3", add_special_tokens=True)
+    # The portable rewrite of the old form is the shipped file, byte for byte.
+    checkpoints.portable_tokenizer_config(before / "tokenizer_config.json")
+    assert (before / "tokenizer_config.json").read_bytes() == (tiny.CHECKPOINT_DIR / "tokenizer_config.json").read_bytes()
+
+
+def test_save_tokenizer_writes_the_portable_form(tmp_path):
+    tokenizer = _make_tokenizer()
+    checkpoints.save_tokenizer(tokenizer, tmp_path)
+    written = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert written["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert written["additional_special_tokens"] == ["<start>", "<end>"] and "extra_special_tokens" not in written
+    reloaded = checkpoints.load_tokenizer(tmp_path)
+    text = "you choose action1 the game"
+    assert reloaded.encode(text) == tokenizer.encode(text)
+    assert reloaded.convert_tokens_to_ids(["<start>", "<end>"]) == [4, 5]
