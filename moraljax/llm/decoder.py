@@ -3,7 +3,7 @@
 Follows transformers' ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``,
 ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` and ``Qwen3ForCausalLM`` so that
 logits agree with them on the same Hugging Face files
-(tests/gemma2_test.py, tests/families_test.py). ``DecoderConfig`` says which
+(tests/decoder_test.py, tests/families_test.py). ``DecoderConfig`` says which
 of their differences apply (``decoder_config.py`` has the table):
 
     x_0 = E[tokens] (* sqrt(D) when scale_embeddings)     (compute dtype)
