@@ -334,7 +334,8 @@ def test_shipped_tokenizer_config_is_portable_and_reads_exactly_as_before(tmp_pa
     new = transformers.AutoTokenizer.from_pretrained(str(tiny.CHECKPOINT_DIR), local_files_only=True)
     old = transformers.AutoTokenizer.from_pretrained(str(before), local_files_only=True)
     assert type(new) is type(old)
-    for name in ("pad_token", "bos_token", "eos_token", "unk_token", "padding_side", "chat_template", "all_special_ids"):
+    names = ("pad_token", "bos_token", "eos_token", "unk_token", "padding_side", "chat_template", "all_special_ids")
+    for name in names:
         assert getattr(new, name) == getattr(old, name), name
     assert len(new) == len(old)
     # Every structured prompt, as a run tokenises it, gets the same ids.
@@ -347,7 +348,8 @@ def test_shipped_tokenizer_config_is_portable_and_reads_exactly_as_before(tmp_pa
     assert new.encode("hi action3", add_special_tokens=True) == old.encode("hi action3", add_special_tokens=True)
     # The portable rewrite of the old form is the shipped file, byte for byte.
     checkpoints.portable_tokenizer_config(before / "tokenizer_config.json")
-    assert (before / "tokenizer_config.json").read_bytes() == (tiny.CHECKPOINT_DIR / "tokenizer_config.json").read_bytes()
+    shipped_bytes = (tiny.CHECKPOINT_DIR / "tokenizer_config.json").read_bytes()
+    assert (before / "tokenizer_config.json").read_bytes() == shipped_bytes
 
 
 def test_save_tokenizer_writes_the_portable_form(tmp_path):
