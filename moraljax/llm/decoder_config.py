@@ -180,9 +180,8 @@ class DecoderConfig:
             )
         for layer_type in self.layer_types:
             validation.check_choice("layer_types entry", layer_type, LAYER_TYPES)
-        if SLIDING in self.layer_types:
-            validation.check_positive_int("sliding_window", self.sliding_window)
-        elif self.sliding_window is not None:
+        # A window is needed when a layer slides, and must make sense when given.
+        if SLIDING in self.layer_types or self.sliding_window is not None:
             validation.check_positive_int("sliding_window", self.sliding_window)
 
     def _check_numbers(self) -> None:
