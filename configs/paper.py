@@ -13,7 +13,7 @@ fine-tuned agent and the base model, and writes <workdir>/report.md
 comparing every number with the paper's findings (SPEC 9). See
 moraljax/paper.py.
 
-Variants (ARG after ':'): model=tiny|<local Gemma2 directory> (default: the
+Variants (ARG after ':'): model=tiny|<local model directory> (default: the
 built-in tiny model, with config_lib.tiny_model_overrides), episodes=N
 (default the paper's 1000; the unlearning switch is at N/2). Other settings:
 --config.programs.vs_tft.run.seeds=..., --config.evaluation.games=... etc.

@@ -1,12 +1,12 @@
-r"""Prefill and decode throughput of the moraljax Gemma-2 policy.
+r"""Prefill and decode throughput of the moraljax policy (built-in tiny model, Gemma-2-2b shapes).
 
     python launch/benchmark_llm.py                          # tiny model only
     python launch/benchmark_llm.py --big                    # + Gemma-2-2b shapes (GPU/TPU)
     python launch/benchmark_llm.py --big --batch=64 --prompt_len=215 --gen_len=2
 
 Models:
-  tiny  the built-in tiny checkpoint (moraljax/llm/tiny/checkpoint) when it
-        exists, otherwise a random 64-wide, 2-layer Gemma-2;
+  tiny  the built-in tiny checkpoint (moraljax/llm/tiny/checkpoint), a
+        64-wide, 2-layer Gemma-2;
   big   (--big) a randomly initialised model with google/gemma-2-2b-it's
         shapes (26 layers, D 2304, V 256000), bfloat16 weights, LoRA rank 64
         on all linear layers as in the paper. About 5.2 GB of weights; meant
@@ -29,11 +29,11 @@ from absl import app
 from absl import flags
 from flax import nnx
 
-from moraljax.llm import gemma2
+from moraljax.llm import decoder
 from moraljax.llm import lora as lora_lib
+from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
 from moraljax.llm import tiny
-from moraljax.llm.tiny import build as tiny_build
 
 _BIG = flags.DEFINE_bool("big", False, "Also benchmark a random model with Gemma-2-2b's shapes (bf16).")
 _SKIP_TINY = flags.DEFINE_bool("skip_tiny", False, "Skip the tiny model.")
@@ -44,11 +44,6 @@ _GEN_LEN = flags.DEFINE_integer("gen_len", 16, "Tokens generated per prompt in t
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls (the best is reported).")
 _LORA_ENABLED = flags.DEFINE_bool("lora_enabled", True, "Run with the adapter on (policy) or off (reference).")
 
-# The built-in tiny model's architecture with random weights and a 512-token
-# vocabulary (the prompts here are random ids).
-RANDOM_TINY_CONFIG = tiny_build.tiny_config(vocab_size=512)
-
-
 def _best_time(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -58,15 +53,15 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
-def _matmul_params(config: gemma2.Gemma2Config) -> int:
-    """Parameters touched by matmuls per token: layers + the tied LM head."""
+def _matmul_params(config: decoder.DecoderConfig) -> int:
+    """Parameters touched by matmuls per token: layers + the LM head."""
     d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
     n, k = config.num_attention_heads, config.num_key_value_heads
     per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
     return config.num_hidden_layers * per_layer + config.vocab_size * d
 
 
-def benchmark(name: str, policy: gemma2.Policy) -> None:
+def benchmark(name: str, policy: policy_lib.Policy) -> None:
     """Times prefill and decode of one policy and prints the figures."""
     config = policy.config
     batch, length, gen_len = _BATCH.value, _PROMPT_LEN.value, _GEN_LEN.value
@@ -101,7 +96,7 @@ def benchmark(name: str, policy: gemma2.Policy) -> None:
     decode_s = _best_time(lambda: decode(state, cache, last_hidden, key), _REPEATS.value)
     flops_per_token = 2 * _matmul_params(config)
     prefill_tokens, decode_tokens = batch * length, batch * gen_len
-    frozen = sum(x.size for x in jax.tree.leaves(gemma2.split_policy(policy)[2]))
+    frozen = sum(x.size for x in jax.tree.leaves(policy_lib.split_policy(policy)[2]))
     print(f"[{name}] {frozen:,} frozen params ({policy.model.dtype}), batch {batch}, prompt {length}, "
           f"gen {gen_len}, lora_enabled={lora_enabled}, device {jax.devices()[0].device_kind}")
     print(f"[{name}]   compile: prefill {prefill_compile:.1f} s, decode {decode_compile:.1f} s")
@@ -111,14 +106,12 @@ def benchmark(name: str, policy: gemma2.Policy) -> None:
           f"{decode_s / gen_len * 1e3:.2f} ms/step  ~{flops_per_token * decode_tokens / decode_s / 1e12:.3f} TFLOP/s")
 
 
-def tiny_policy() -> tuple[str, gemma2.Policy]:
-    """The built-in tiny checkpoint, or a random model of the same scale."""
-    if (tiny.CHECKPOINT_DIR / "config.json").is_file():
-        from moraljax.llm import checkpoints  # Imports transformers: keep it late.
+def tiny_policy() -> tuple[str, policy_lib.Policy]:
+    """The built-in tiny checkpoint."""
+    from moraljax.llm import checkpoints  # Imports transformers: keep it late.
 
-        policy, _ = checkpoints.load_hf_model(tiny.CHECKPOINT_DIR, key=jax.random.key(0))
-        return "tiny (built-in)", policy
-    return "tiny (random)", gemma2.init_policy(RANDOM_TINY_CONFIG, key=jax.random.key(0))
+    policy, _ = checkpoints.load_hf_model(tiny.CHECKPOINT_DIR, key=jax.random.key(0))
+    return "tiny (built-in)", policy
 
 
 def main(argv):
@@ -128,8 +121,8 @@ def main(argv):
         benchmark(name, policy)
     if _BIG.value:
         start = time.perf_counter()
-        policy = gemma2.init_policy(
-            gemma2.Gemma2Config.gemma2_2b(), lora=lora_lib.LoraConfig(), param_dtype=jnp.bfloat16,
+        policy = policy_lib.init_policy(
+            decoder.DecoderConfig.gemma2_2b(), lora=lora_lib.LoraConfig(), param_dtype=jnp.bfloat16,
             key=jax.random.key(0),
         )
         print(f"[gemma-2-2b shapes] random init: {time.perf_counter() - start:.1f} s")

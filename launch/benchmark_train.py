@@ -28,7 +28,7 @@ from moraljax import config_lib
 from moraljax import train
 from moraljax.rl import rollout
 
-_MODEL = flags.DEFINE_string("model", "tiny", "'tiny' or a local Gemma2 directory.")
+_MODEL = flags.DEFINE_string("model", "tiny", "'tiny' or a local model directory of a supported family.")
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Learners (seeds) in the chunk.")
 _EPISODES = flags.DEFINE_integer("episodes", 20, "Episodes per timed chunk.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is reported).")

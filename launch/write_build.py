@@ -35,6 +35,9 @@ THIRD_PARTY = {
 }
 
 
+_TINY_IMPORT = "from moraljax.llm import tiny"
+
+
 def _target(path: pathlib.Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("")
     return "_".join(rel.parts[1:]) if rel.parts[0] == "moraljax" else rel.name
@@ -107,7 +110,8 @@ def render() -> str:
             p for p in (ROOT / "moraljax").rglob("*.py") if p.name != "__init__.py"
     )
     for path in modules:
-        extra = '    data = [":tiny_checkpoint"],' if "tiny" in path.parts else ""
+        # Modules that read the built-in checkpoint's files carry them as data.
+        extra = '    data = [":tiny_checkpoint"],' if _TINY_IMPORT in path.read_text() else ""
         out += ["", _rule("py_library", _target(path), str(path.relative_to(ROOT)),
                                             _deps(path), extra)]
     for path in sorted((ROOT / "tests").glob("*_test.py")):

@@ -11,7 +11,6 @@ ConfigDict itself.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,30 +20,7 @@ from moraljax import games
 from moraljax import opponents
 from moraljax import prompts
 from moraljax import rewards
-
-
-def fail(field: str, value: Any, allowed: str) -> None:
-    """Raises the project's error for a bad setting: the field, its value, what is allowed."""
-    raise ValueError(f"{field}={value!r} is not allowed; expected {allowed}.")
-
-
-def check_finite(field: str, value: float) -> None:
-    """Refuses NaN/inf and non-numbers for `field`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        fail(field, value, "a finite number")
-    if not math.isfinite(value):
-        fail(field, value, "a finite number")
-
-
-def check_int(field: str, value: Any, minimum: int) -> None:
-    """Refuses non-integers (bools included) and integers below `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        fail(field, value, f"an integer >= {minimum}")
-
-
-def check_positive_int(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        fail(field, value, "a positive integer")
+from moraljax.validation import check_choice, check_finite, check_int, check_positive_int, fail  # noqa: F401
 
 
 def check_action_pair(field: str, value: Any) -> tuple[str, str]:
@@ -59,12 +35,6 @@ def check_action_pair(field: str, value: Any) -> tuple[str, str]:
     if not all(isinstance(a, str) and a and a == a.strip() for a in pair) or pair[0] == pair[1]:
         fail(field, value, "two different non-empty strings without surrounding blanks")
     return pair
-
-
-def check_choice(field: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        fail(field, value, "one of " + ", ".join(repr(a) for a in allowed))
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +167,8 @@ class ModelSettings:
     """The base LLM and how it samples (SPEC 4, 6).
 
     Attributes:
-        path: a local Hugging Face Gemma2 directory; '' = the built-in tiny
+        path: a local Hugging Face directory of a supported family (Gemma 2,
+            Gemma 3 text, Llama 3.x, Qwen2.5, Qwen3); '' = the built-in tiny
             model (moraljax/llm/tiny), which needs no download.
         param_dtype: dtype of the frozen base weights.
         temperature, top_k, top_p: sampling (paper: 1, 0 = off, 1 = off).
@@ -445,14 +416,15 @@ def experiment_config(
     What every configs/ipd_*.py builds. Variants (the config's ARG after
     ':'): opponent=tft|ac|ad|random|llm (default tft; llm: a second learner
     of the same condition, 3 decisions per episode), model=tiny|<local
-    Gemma2 directory> (default: the built-in tiny model). Defaults are the
+    model directory> (default: the built-in tiny model). Defaults are the
     paper's: 1000 episodes of 5 decisions, seeds 1, 2, 3, 5, 6, LoRA
     r64/alpha 32, PPO lr 1.41e-5, adaptive KL from beta 0.2, bf16 base
     weights. With the tiny model `tiny_model_overrides` applies (LoRA r8,
     lr 1e-3, beta 0.05, no dropout) and explains why.
 
     Args:
-        arg: "opponent=tft|ac|ad|random|llm,model=tiny|/path/to/gemma-2-2b-it".
+        arg: "opponent=tft|ac|ad|random|llm,model=tiny|/path/to/model" (any
+            supported family, e.g. gemma-2-2b-it, Llama-3.2-1B-Instruct).
             Against "llm" (a second learner, SPEC 3) an episode has 3
             decisions, as in the paper.
         reward: training reward name (rewards.REWARD_NAMES).

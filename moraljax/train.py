@@ -43,8 +43,9 @@ from moraljax import opponents
 from moraljax import prompts
 from moraljax import sharding as sharding_lib
 from moraljax import workdir as workdir_lib
-from moraljax.llm import gemma2
+from moraljax.llm import decoder
 from moraljax.llm import lora as lora_lib
+from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
 from moraljax.rl import ppo
 from moraljax.rl import rollout
@@ -99,7 +100,7 @@ class ChunkSettings:
 
 
 def init_learners(
-    template: gemma2.Policy, seed_players: list[tuple[int, int]], ppo_config: ppo.PPOConfig
+    template: policy_lib.Policy, seed_players: list[tuple[int, int]], ppo_config: ppo.PPOConfig
 ) -> LearnerState:
     """Fresh learners, one per (seed, player): [N] leading axis on every leaf.
 
@@ -108,7 +109,7 @@ def init_learners(
     head) and the run key of its episodes.
     """
     optimizer = ppo.make_optimizer(ppo_config)
-    _, trainable_template, _ = gemma2.split_policy(template)
+    _, trainable_template, _ = policy_lib.split_policy(template)
 
     def one(seed, player):
         key = jax.random.PRNGKey(seed)
@@ -146,7 +147,7 @@ def _update_one(
     """
 
     def forward(trainable, minibatch, dropout_key):
-        policy = gemma2.merge_policy(graphdef, trainable, frozen)
+        policy = policy_lib.merge_policy(graphdef, trainable, frozen)
         row = minibatch["prompt_row"]
         out = sampling.score_responses(
             policy,
@@ -327,7 +328,7 @@ def model_directory(path: str) -> pathlib.Path:
     if not directory.is_dir():
         raise FileNotFoundError(
             f"model.path={path!r} is not a directory; allowed: a local Hugging Face"
-            " Gemma2 directory (config.json, *.safetensors, tokenizer files) or ''"
+            " checkpoint directory (config.json, *.safetensors, tokenizer files) or ''"
             " for the built-in tiny model."
         )
     return directory
@@ -363,7 +364,7 @@ class Run:
     sampling: rollout.SamplingSettings
     learner_info: list[dict[str, Any]]
     tokenizer: Any
-    base_config: gemma2.Gemma2Config
+    base_config: decoder.DecoderConfig
     _compiled: dict[int, Callable] = dataclasses.field(default_factory=dict)
 
     @property
@@ -523,7 +524,7 @@ def build_run(
         matcher=prompts.build_action_matcher(tokenizer, actions, gen_len),
     )
     setup = jax.tree.map(lambda *xs: jnp.stack(xs), *setups)
-    graphdef, _, frozen = gemma2.split_policy(policy)
+    graphdef, _, frozen = policy_lib.split_policy(policy)
     seed_players = [(i["seed"], i["player"]) for i in info]
     learners = init_learners(policy, seed_players + [(0, 0)] * (len(setups) - len(info)), cfg.ppo)
     learner_sh = sharding_lib.learner_sharding(mesh)

@@ -22,8 +22,10 @@ from flax import nnx
 
 from moraljax.llm import adapters
 from moraljax.llm import checkpoints
-from moraljax.llm import gemma2
+from moraljax.llm import decoder
 from moraljax.llm import lora as lora_lib
+from moraljax.llm import policy as policy_lib
+from moraljax.llm import tiny
 
 VOCAB = 160
 BASE_NAME = "tiny-gemma2-for-adapter-tests"
@@ -76,12 +78,12 @@ def _lora(targets):
 def _trained_policy(base_dir, targets, seed=0):
     """A policy on the checkpoint with random non-zero factors (B != 0) and head."""
     policy, config = checkpoints.load_hf_model(base_dir, lora=_lora(targets), key=jax.random.key(seed))
-    graphdef, trainable, frozen = gemma2.split_policy(policy)
+    graphdef, trainable, frozen = policy_lib.split_policy(policy)
     leaves = jax.tree.leaves(trainable)
     keys = jax.random.split(jax.random.key(100 + seed), len(leaves))
     noise = [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
     trainable = jax.tree.unflatten(jax.tree.structure(trainable), [x + n for x, n in zip(leaves, noise)])
-    return gemma2.merge_policy(graphdef, trainable, frozen), config
+    return policy_lib.merge_policy(graphdef, trainable, frozen), config
 
 
 def _left_padded_batch(seed=0, batch=3, length=12, pads=(4, 0, 7)):
@@ -93,7 +95,7 @@ def _left_padded_batch(seed=0, batch=3, length=12, pads=(4, 0, 7)):
 
 @nnx.jit(static_argnames="lora_enabled")
 def _forward(policy, ids, mask, lora_enabled=True):
-    out = policy.forward(ids, gemma2.positions_from_mask(mask), mask, lora_enabled=lora_enabled)
+    out = policy.forward(ids, decoder.positions_from_mask(mask), mask, lora_enabled=lora_enabled)
     return policy.logits(out.hidden), policy.values(out.hidden)
 
 
@@ -126,7 +128,7 @@ def _flat_arrays(state, only=None):
 
 
 def _export(policy, config, directory, targets, **kwargs):
-    trainable = gemma2.split_policy(policy)[1]
+    trainable = policy_lib.split_policy(policy)[1]
     kwargs = dict(dict(base_model_name_or_path=BASE_NAME, base_config=config), **kwargs)
     adapters.export_peft_adapter(trainable, _lora(targets), directory, **kwargs)
     return trainable
@@ -134,9 +136,9 @@ def _export(policy, config, directory, targets, **kwargs):
 
 def _template(config, targets, rank=4):
     abstract = nnx.eval_shape(
-        lambda: gemma2.Policy(config, lora=lora_lib.LoraConfig(rank=rank, targets=targets), key=jax.random.key(0))
+        lambda: policy_lib.Policy(config, lora=lora_lib.LoraConfig(rank=rank, targets=targets), key=jax.random.key(0))
     )
-    return gemma2.split_policy(abstract)[1]
+    return policy_lib.split_policy(abstract)[1]
 
 
 @pytest.mark.parametrize("targets", [ALL, QV], ids=["all", "q_v"])
@@ -198,7 +200,7 @@ def test_adapter_written_by_peft_loads_into_moraljax(base_dir, tmp_path):
     policy, _ = checkpoints.load_hf_model(
         base_dir, lora=lora_lib.LoraConfig(rank=4, targets=targets), key=jax.random.key(1)
     )
-    graphdef, template, frozen = gemma2.split_policy(policy)
+    graphdef, template, frozen = policy_lib.split_policy(policy)
     with pytest.raises(FileNotFoundError, match="value_head=False"):
         adapters.load_peft_adapter(tmp_path / "peft_adapter", template, base_config=config)
     loaded, lora = adapters.load_peft_adapter(tmp_path / "peft_adapter", template, base_config=config, value_head=False)
@@ -209,8 +211,8 @@ def test_adapter_written_by_peft_loads_into_moraljax(base_dir, tmp_path):
     )
 
     # The scale alpha/r lives in the policy's modules, so rebuild them with the adapter's config.
-    abstract = nnx.eval_shape(lambda: gemma2.Policy(config, lora=lora, key=jax.random.key(0)))
-    adapted = gemma2.merge_policy(nnx.graphdef(abstract), loaded, frozen)
+    abstract = nnx.eval_shape(lambda: policy_lib.Policy(config, lora=lora, key=jax.random.key(0)))
+    adapted = policy_lib.merge_policy(nnx.graphdef(abstract), loaded, frozen)
     ids, mask = _left_padded_batch(seed=1)
     valid = mask.astype(bool)
     ours, _ = _ours(adapted, ids, mask)
@@ -375,11 +377,26 @@ def test_export_without_base_config_or_value_head_round_trips(exported, base_dir
 
 
 def test_fingerprint_depends_on_architecture_only():
-    config = gemma2.Gemma2Config.gemma2_2b()
-    assert adapters.base_fingerprint(config) == adapters.base_fingerprint(gemma2.Gemma2Config.gemma2_2b())
+    config = decoder.DecoderConfig.gemma2_2b()
+    assert adapters.base_fingerprint(config) == adapters.base_fingerprint(decoder.DecoderConfig.gemma2_2b())
     same_architecture = dataclasses.replace(config, eos_token_id=(1, 107))
     assert adapters.base_fingerprint(same_architecture) == adapters.base_fingerprint(config)
     integer_spelling = dataclasses.replace(config, attn_logit_softcapping=50, rope_theta=10000)
     assert adapters.base_fingerprint(integer_spelling) == adapters.base_fingerprint(config)
     softcap = dataclasses.replace(config, attn_logit_softcapping=None)
     assert adapters.base_fingerprint(softcap) != adapters.base_fingerprint(config)
+    # Each family field counts once it leaves Gemma 2's value.
+    for field, value in [("qk_norm", True), ("qkv_bias", True), ("norm_offset", 0.0), ("post_norms", False),
+                         ("tie_word_embeddings", False), ("hidden_activation", "silu"), ("sliding_rope_theta", 1e6)]:
+        changed = dataclasses.replace(config, **{field: value})
+        assert adapters.base_fingerprint(changed) != adapters.base_fingerprint(config), field
+        assert adapters.base_architecture(changed)[field] == value
+        assert field not in adapters.base_architecture(config)
+
+
+def test_gemma2_fingerprints_are_those_adapters_were_exported_with_before_the_families():
+    # The built-in model's fingerprint as recorded in adapters exported by the
+    # Gemma-2-only moraljax (before DecoderConfig had the family fields).
+    config = checkpoints.read_config(tiny.CHECKPOINT_DIR)
+    assert adapters.base_fingerprint(config) == "sha256:3b09e77732b62ad7"
+    assert sorted(adapters.base_architecture(config)) == sorted(adapters.ARCHITECTURE_FIELDS)

@@ -1,7 +1,10 @@
 """Hugging Face checkpoint directories: save, load, tokenizer, and clear errors."""
 
 import json
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +16,15 @@ import torch
 import transformers
 from flax import nnx
 
+from moraljax import games
+from moraljax import prompts
 from moraljax.llm import checkpoints
-from moraljax.llm import gemma2
+from moraljax.llm import decoder
 from moraljax.llm import lora
+from moraljax.llm import policy as policy_lib
+from moraljax.llm import tiny
 
-CONFIG = gemma2.Gemma2Config(
+CONFIG = decoder.DecoderConfig(
     vocab_size=40,
     hidden_size=32,
     intermediate_size=48,
@@ -59,8 +66,8 @@ def _make_tokenizer(chat_template=CHAT_TEMPLATE):
 @pytest.fixture(scope="module")
 def source_policy():
     """A random policy with randomised norms (transformers inits them to zero)."""
-    policy = gemma2.init_policy(CONFIG, key=jax.random.key(0))
-    graphdef, trainable, frozen = gemma2.split_policy(policy)
+    policy = policy_lib.init_policy(CONFIG, key=jax.random.key(0))
+    graphdef, trainable, frozen = policy_lib.split_policy(policy)
     flat = []
     for index, (path, variable) in enumerate(nnx.to_flat_state(frozen)):
         value = variable[...]
@@ -69,7 +76,7 @@ def source_policy():
         else:
             value = 10.0 * value  # beyond the 0.02 init, so the softcaps bind
         flat.append((path, variable.copy(value)))
-    return gemma2.merge_policy(graphdef, trainable, nnx.from_flat_state(flat))
+    return policy_lib.merge_policy(graphdef, trainable, nnx.from_flat_state(flat))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +94,7 @@ def _copy(directory, tmp_path):
 
 
 def _frozen_leaves(policy):
-    return {".".join(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(gemma2.split_policy(policy)[2])}
+    return {".".join(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(policy_lib.split_policy(policy)[2])}
 
 
 def test_saved_checkpoint_loads_in_transformers_with_equal_logits(source_policy, checkpoint_dir):
@@ -127,10 +134,10 @@ def test_load_round_trip_and_tokenizer(source_policy, checkpoint_dir):
 
 
 def test_bfloat16_save_and_float32_load(source_policy, tmp_path):
-    graphdef, trainable, frozen = gemma2.split_policy(source_policy)
+    graphdef, trainable, frozen = policy_lib.split_policy(source_policy)
     bf16_frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
-    abstract = nnx.eval_shape(lambda: gemma2.Policy(CONFIG, param_dtype=jnp.bfloat16, key=jax.random.key(0)))
-    bf16_policy = gemma2.merge_policy(nnx.graphdef(abstract), trainable, bf16_frozen)
+    abstract = nnx.eval_shape(lambda: policy_lib.Policy(CONFIG, param_dtype=jnp.bfloat16, key=jax.random.key(0)))
+    bf16_policy = policy_lib.merge_policy(nnx.graphdef(abstract), trainable, bf16_frozen)
     checkpoints.save_hf_checkpoint(bf16_policy.model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     stored = safetensors.numpy.load_file(tmp_path / "model.safetensors")
@@ -174,10 +181,15 @@ def test_no_config_json(tmp_path):
 def test_wrong_model_type(checkpoint_dir, tmp_path):
     directory = _copy(checkpoint_dir, tmp_path)
     config = json.loads((directory / "config.json").read_text())
-    config["model_type"] = "llama"
+    config["model_type"] = "mistral"
     (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="model_type must be 'gemma2', got 'llama'"):
+    with pytest.raises(checkpoints.CheckpointError) as info:
         checkpoints.load_hf_model(directory, key=jax.random.key(0))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{directory / 'config.json'}: model_type='mistral' is not allowed; expected one of")
+    for family in ("'gemma2'", "'gemma3_text'", "'llama'", "'qwen2'", "'qwen3'"):
+        assert family in message
 
 
 def test_no_weights(checkpoint_dir, tmp_path):
@@ -244,3 +256,109 @@ def test_no_tokenizer(checkpoint_dir, tmp_path):
             file.unlink()
     with pytest.raises(ValueError, match="tokenizer"):
         checkpoints.load_tokenizer(directory)
+
+
+# ----------------------------------------------------------------------------
+# Unusable directories: one line naming the file, from the library and from the command line.
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _launch_on(model_dir, tmp_path):
+    return subprocess.run(
+        [sys.executable, "-m", "moraljax.launch", f"--config=configs/ipd_util.py:model={model_dir}",
+         f"--workdir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_empty_model_directory_is_one_line_naming_config_json(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError) as info:
+        checkpoints.load_hf_checkpoint(empty, key=jax.random.key(0))
+    assert str(info.value) == f"{empty / 'config.json'} not found: not a Hugging Face checkpoint directory."
+    result = _launch_on(empty, tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"moraljax: {info.value}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_weights_are_one_line_naming_the_file(tmp_path):
+    directory = _copy(tiny.CHECKPOINT_DIR, tmp_path)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(checkpoints.CheckpointError) as info:
+        checkpoints.load_hf_checkpoint(directory, key=jax.random.key(0))
+    message = str(info.value)
+    assert message.startswith(f"{weights}: cannot be read as safetensors (truncated or corrupt?): ")
+    assert "\n" not in message
+    result = _launch_on(directory, tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"moraljax: {message}"
+
+
+def test_unreadable_config_json_is_one_line(checkpoint_dir, tmp_path):
+    directory = _copy(checkpoint_dir, tmp_path)
+    (directory / "config.json").write_text('{"model_type": "gemma2",')
+    with pytest.raises(checkpoints.CheckpointError, match=r"config.json: not valid JSON: "):
+        checkpoints.read_config(directory)
+
+
+# ----------------------------------------------------------------------------
+# Tokenizer files that transformers 4.4x reads as well as 5.x.
+
+def _v5_only_form(config):
+    """The tokenizer_config.json form that transformers 5 writes and 4.57 refuses.
+
+    transformers 5's own class name, and the extra special tokens as a list
+    under a key that 4.x reads as a dict of named tokens.
+    """
+    out = {}
+    for key, value in config.items():
+        if key == "additional_special_tokens":
+            key = "extra_special_tokens"
+        elif key == "tokenizer_class":
+            value = "TokenizersBackend"
+        out[key] = value
+    return out
+
+
+def test_shipped_tokenizer_config_is_portable_and_reads_exactly_as_before(tmp_path):
+    shipped = json.loads((tiny.CHECKPOINT_DIR / "tokenizer_config.json").read_text())
+    assert shipped["tokenizer_class"] == checkpoints.PORTABLE_TOKENIZER_CLASS
+    assert "extra_special_tokens" not in shipped
+    # The same directory with the tokenizer_config.json it shipped with before.
+    before = _copy(tiny.CHECKPOINT_DIR, tmp_path)
+    (before / "tokenizer_config.json").write_text(json.dumps(_v5_only_form(shipped), indent=2))
+    new = transformers.AutoTokenizer.from_pretrained(str(tiny.CHECKPOINT_DIR), local_files_only=True)
+    old = transformers.AutoTokenizer.from_pretrained(str(before), local_files_only=True)
+    assert type(new) is type(old)
+    names = ("pad_token", "bos_token", "eos_token", "unk_token", "padding_side", "chat_template", "all_special_ids")
+    for name in names:
+        assert getattr(new, name) == getattr(old, name), name
+    assert len(new) == len(old)
+    # Every structured prompt, as a run tokenises it, gets the same ids.
+    for game in games.EVALUATION_GAME_NAMES:
+        for actions in (prompts.TRAIN_ACTIONS, prompts.TEST_ACTIONS):
+            for order in prompts.TABLE_ORDERS:
+                tables = [prompts.build_prompt_table(t, games.GAMES[game].payoffs, actions=actions, table_order=order)
+                          for t in (new, old)]
+                np.testing.assert_array_equal(tables[0].ids, tables[1].ids)
+    assert new.encode("hi action3", add_special_tokens=True) == old.encode("hi action3", add_special_tokens=True)
+    # The portable rewrite of the old form is the shipped file, byte for byte.
+    checkpoints.portable_tokenizer_config(before / "tokenizer_config.json")
+    shipped_bytes = (tiny.CHECKPOINT_DIR / "tokenizer_config.json").read_bytes()
+    assert (before / "tokenizer_config.json").read_bytes() == shipped_bytes
+
+
+def test_save_tokenizer_writes_the_portable_form(tmp_path):
+    tokenizer = _make_tokenizer()
+    checkpoints.save_tokenizer(tokenizer, tmp_path)
+    written = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert written["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert written["additional_special_tokens"] == ["<start>", "<end>"] and "extra_special_tokens" not in written
+    reloaded = checkpoints.load_tokenizer(tmp_path)
+    text = "you choose action1 the game"
+    assert reloaded.encode(text) == tokenizer.encode(text)
+    assert reloaded.convert_tokens_to_ids(["<start>", "<end>"]) == [4, 5]

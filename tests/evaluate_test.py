@@ -25,7 +25,7 @@ from moraljax import evaluate
 from moraljax import prompts
 from moraljax import train
 from moraljax.llm import checkpoints
-from moraljax.llm import gemma2
+from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
 from moraljax.llm import tiny
 
@@ -285,7 +285,7 @@ def test_zero_adapter_is_exactly_the_adapter_switched_off(tiny_run):
 
     @functools.partial(jax.jit, static_argnums=3)
     def last_logits(trainable, ids, mask, lora_enabled):
-        policy = gemma2.merge_policy(run.graphdef, trainable, run.frozen)
+        policy = policy_lib.merge_policy(run.graphdef, trainable, run.frozen)
         _, hidden = sampling.prefill(policy, ids, mask, 1, lora_enabled=lora_enabled)
         return policy.logits(hidden)
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moraljax.llm import gemma2
+from moraljax.llm import decoder
 from moraljax.llm import lora
+from moraljax.llm import policy as policy_lib
 
-CONFIG = gemma2.Gemma2Config(
+CONFIG = decoder.DecoderConfig(
     vocab_size=97,
     hidden_size=32,
     intermediate_size=48,
@@ -45,19 +46,19 @@ _randomise_b_jit = jax.jit(_randomise_b)
 
 @pytest.fixture(scope="module")
 def parts():
-    policy = gemma2.init_policy(CONFIG, lora=LORA, value_head_dropout=0.5, key=jax.random.key(0))
-    return gemma2.split_policy(policy)
+    policy = policy_lib.init_policy(CONFIG, lora=LORA, value_head_dropout=0.5, key=jax.random.key(0))
+    return policy_lib.split_policy(policy)
 
 
 @pytest.fixture(scope="module")
 def batch():
     tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, CONFIG.vocab_size)
     mask = jnp.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
-    return tokens, gemma2.positions_from_mask(mask), mask
+    return tokens, decoder.positions_from_mask(mask), mask
 
 
 def _run(graphdef, trainable, frozen, batch, *, lora_enabled=True, dropout_key=None):
-    policy = gemma2.merge_policy(graphdef, trainable, frozen)
+    policy = policy_lib.merge_policy(graphdef, trainable, frozen)
     out = policy.forward(*batch, lora_enabled=lora_enabled, dropout_key=dropout_key)
     return policy.logits(out.hidden[:, -3:]), policy.values(out.hidden[:, -3:])
 
@@ -109,9 +110,9 @@ def test_lora_initialisation_like_peft():
 
 def test_only_targeted_layers_are_adapted():
     policy = nnx.eval_shape(
-        lambda: gemma2.Policy(CONFIG, lora=lora.LoraConfig(rank=2, targets=("q", "down")), key=jax.random.key(0))
+        lambda: policy_lib.Policy(CONFIG, lora=lora.LoraConfig(rank=2, targets=("q", "down")), key=jax.random.key(0))
     )
-    _, trainable, _ = gemma2.split_policy(policy)
+    _, trainable, _ = policy_lib.split_policy(policy)
     paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
     assert paths == {
         "model.layers.self_attn.q_proj.lora_a",
@@ -132,8 +133,8 @@ def test_fresh_adapter_gives_exactly_the_base(parts, batch):
     without = _run_jit(graphdef, trainable, frozen, batch, lora_enabled=False)
     np.testing.assert_array_equal(with_lora[0], without[0])
     # A policy built without adapters from the same key has the same base.
-    base = gemma2.init_policy(CONFIG, lora=None, value_head_dropout=0.5, key=jax.random.key(0))
-    base_graphdef, base_trainable, base_frozen = gemma2.split_policy(base)
+    base = policy_lib.init_policy(CONFIG, lora=None, value_head_dropout=0.5, key=jax.random.key(0))
+    base_graphdef, base_trainable, base_frozen = policy_lib.split_policy(base)
     chex_equal = jax.tree.map(np.array_equal, base_frozen, frozen)
     assert all(jax.tree.leaves(chex_equal))
     np.testing.assert_array_equal(_run_jit(base_graphdef, base_trainable, base_frozen, batch)[0], without[0])

@@ -8,8 +8,8 @@ from flax import nnx
 
 from moraljax import config_lib
 from moraljax import train
-from moraljax.llm import gemma2
 from moraljax.llm import lora
+from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
 from moraljax.rl import rollout
 
@@ -108,7 +108,7 @@ def test_cached_reference_equals_a_full_forward(episodes):
     trainable_one = jax.tree.map(lambda x: x[0], run.learners.trainable)
     prefix = rollout.reference_prefix(run.graphdef, run.frozen, trainable_one, run.env.prompts, run.sampling.gen_len)
     cached = rollout.reference_logprobs(run.graphdef, run.frozen, trainable_one, prefix, rows, tokens)
-    policy = gemma2.merge_policy(run.graphdef, trainable_one, run.frozen)
+    policy = policy_lib.merge_policy(run.graphdef, trainable_one, run.frozen)
     full = sampling.score_responses(
         policy, run.env.prompts.ids[rows], run.env.prompts.mask[rows], tokens, lora_enabled=False
     ).logprobs
@@ -119,7 +119,7 @@ def test_behaviour_logprobs_equal_a_full_forward(episodes):
     run, d = episodes
     n = 0
     trainable = jax.tree.map(lambda x: x[n], run.learners.trainable)
-    policy = gemma2.merge_policy(run.graphdef, trainable, run.frozen)
+    policy = policy_lib.merge_policy(run.graphdef, trainable, run.frozen)
     rows = jnp.asarray(d.prompt_row[0, n])
     full = sampling.score_responses(
         policy, run.env.prompts.ids[rows], run.env.prompts.mask[rows], jnp.asarray(d.tokens[0, n])
@@ -163,7 +163,7 @@ def test_old_logprobs_are_a_dropout_free_forward_not_the_sampling_ones(dropout_e
     # mode, sampling from the model in train mode (rl/ppo.py).
     run, trainable, _, d = dropout_episode
     for n in range(2):
-        policy = gemma2.merge_policy(run.graphdef, jax.tree.map(lambda x, n=n: x[n], trainable), run.frozen)
+        policy = policy_lib.merge_policy(run.graphdef, jax.tree.map(lambda x, n=n: x[n], trainable), run.frozen)
         rows = jnp.asarray(d.prompt_row[n])
         plain = sampling.score_responses(
             policy, run.env.prompts.ids[rows], run.env.prompts.mask[rows], jnp.asarray(d.tokens[n])
@@ -179,7 +179,7 @@ def test_sampling_logprobs_are_a_forward_with_the_decisions_dropout_key(dropout_
     run, trainable, keys, d = dropout_episode
     n, batch = 1, 5
     _, key_steps = jax.random.split(keys[n])
-    policy = gemma2.merge_policy(run.graphdef, jax.tree.map(lambda x: x[n], trainable), run.frozen)
+    policy = policy_lib.merge_policy(run.graphdef, jax.tree.map(lambda x: x[n], trainable), run.frozen)
     for b, key_step in enumerate(jax.random.split(key_steps, batch)):
         key_sample = jax.random.split(key_step, 4)[2]
         _, key_dropout = jax.random.split(key_sample)

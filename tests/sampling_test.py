@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moraljax.llm import gemma2
+from moraljax.llm import decoder
 from moraljax.llm import lora
+from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
 
-CONFIG = gemma2.Gemma2Config(
+CONFIG = decoder.DecoderConfig(
     vocab_size=64,
     hidden_size=32,
     intermediate_size=48,
@@ -30,17 +31,17 @@ STATIC = ("gen_len", "temperature", "top_k", "top_p", "lora_enabled")
 
 @pytest.fixture(scope="module")
 def policy():
-    built = gemma2.init_policy(CONFIG, lora=lora.LoraConfig(rank=4), key=jax.random.key(0))
+    built = policy_lib.init_policy(CONFIG, lora=lora.LoraConfig(rank=4), key=jax.random.key(0))
     # Larger weights than the 0.02 init, so the distributions are not flat,
     # and non-zero B factors, so the adapter matters.
-    graphdef, trainable, frozen = gemma2.split_policy(built)
+    graphdef, trainable, frozen = policy_lib.split_policy(built)
     frozen = jax.tree.map(lambda x: 10.0 * x, frozen)
     flat = []
     for index, (path, variable) in enumerate(nnx.to_flat_state(trainable)):
         if path[-1] == lora.LORA_B_NAME:
             variable = variable.copy(0.5 * jax.random.normal(jax.random.key(index), variable.shape))
         flat.append((path, variable))
-    return gemma2.merge_policy(graphdef, nnx.from_flat_state(flat), frozen)
+    return policy_lib.merge_policy(graphdef, nnx.from_flat_state(flat), frozen)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ score = nnx.jit(sampling.score_responses, static_argnames=("lora_enabled",))
 @nnx.jit
 def _argmax_next_tokens(policy, ids, mask):
     """Greedy choice after every prefix of ``ids`` (causal: one forward)."""
-    forward = policy.forward(ids, gemma2.positions_from_mask(mask), mask)
+    forward = policy.forward(ids, decoder.positions_from_mask(mask), mask)
     return jnp.argmax(policy.logits(forward.hidden), axis=-1).astype(jnp.int32)
 
 
@@ -130,9 +131,9 @@ def test_reference_model_is_the_adapter_switched_off(policy, prompts):
     with_adapter = score(policy, ids, mask, out.tokens)
     reference = score(policy, ids, mask, out.tokens, lora_enabled=False)
     assert np.abs(np.asarray(with_adapter.logprobs - reference.logprobs)).max() > 1e-3
-    graphdef, trainable, frozen = gemma2.split_policy(policy)
+    graphdef, trainable, frozen = policy_lib.split_policy(policy)
     zero_b = jax.tree.map(jnp.zeros_like, trainable)  # B = 0 (and A = 0): base model
-    base = gemma2.merge_policy(graphdef, zero_b, frozen)
+    base = policy_lib.merge_policy(graphdef, zero_b, frozen)
     np.testing.assert_allclose(reference.logprobs, score(policy=base, prompt_ids=ids, prompt_mask=mask,
                                                          response_ids=out.tokens).logprobs, atol=1e-6)
 
@@ -164,11 +165,11 @@ def test_sampling_with_dropout_equals_a_forward_with_the_same_key(policy, prompt
     # Generation never runs the value head in TRL: values carry the LoRA
     # dropout of the forward, not value-head dropout (the same model with a
     # dropout-free head scores them).
-    _, trainable, frozen = gemma2.split_policy(policy)
-    no_head_dropout = gemma2.init_policy(CONFIG, lora=lora.LoraConfig(rank=4), value_head_dropout=0.0,
-                                         key=jax.random.key(0))
-    head_graphdef, _, _ = gemma2.split_policy(no_head_dropout)
-    same_head = gemma2.merge_policy(head_graphdef, trainable, frozen)
+    _, trainable, frozen = policy_lib.split_policy(policy)
+    no_head_dropout = policy_lib.init_policy(CONFIG, lora=lora.LoraConfig(rank=4), value_head_dropout=0.0,
+                                             key=jax.random.key(0))
+    head_graphdef, _, _ = policy_lib.split_policy(no_head_dropout)
+    same_head = policy_lib.merge_policy(head_graphdef, trainable, frozen)
     np.testing.assert_allclose(out.values, score(same_head, ids, mask, out.tokens, dropout_key=dropout_key).values,
                                atol=2e-6)
     assert np.abs(np.asarray(out.values - keyed.values)).max() > 1e-4

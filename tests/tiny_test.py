@@ -1,4 +1,4 @@
-"""The built-in tiny base model: files, tokenizer, parity, behaviour, build.
+"""The built-in tiny base model and its builder (moraljax/tiny_build): files, tokenizer, parity, behaviour, build.
 
 The checkpoint under moraljax/llm/tiny/checkpoint is what these tests read;
 the build is only re-run for a few steps (determinism), never in full.
@@ -17,7 +17,10 @@ from moraljax import games
 from moraljax import prompts
 from moraljax.llm import checkpoints
 from moraljax.llm import tiny
-from moraljax.llm.tiny import build
+from moraljax.tiny_build import corpus
+from moraljax.tiny_build import probes
+from moraljax.tiny_build import tokenizer as tokenizer_lib
+from moraljax.tiny_build import training
 
 _MAX_BYTES = 5 * 1024 * 1024
 
@@ -56,7 +59,7 @@ def test_checkpoint_files_and_size():
 
 def test_config_matches_the_builder(tokenizer):
     config = checkpoints.read_config(tiny.CHECKPOINT_DIR)
-    assert config == build.tiny_config(len(tokenizer))
+    assert config == training.tiny_config(len(tokenizer))
     # The window is shorter than a prompt, so the sliding path is exercised.
     assert config.sliding_window < _ipd_table(tokenizer).mask.sum(-1).min()
 
@@ -123,18 +126,18 @@ def test_structured_ipd_prompt_length(tokenizer):
     lengths = np.asarray(_ipd_table(tokenizer).mask.sum(-1))
     print(f"structured IPD prompt: {lengths.min()}-{lengths.max()} tokens "
           "(Gemma-2: 215)")
-    # Phrase-level merges keep the toy's prompt short (build.PIECE_PATTERN);
+    # Phrase-level merges keep the toy's prompt short (tokenizer_lib.PIECE_PATTERN);
     # each state and payoff digit is still a token of its own.
     assert 20 <= lengths.min() and lengths.max() <= 40
 
 
 def test_shipped_tokenizer_is_what_the_builder_makes(tokenizer):
-    rebuilt = build.build_tokenizer(build.tokenizer_corpus(
-        build.all_prompt_specs()))
+    rebuilt = tokenizer_lib.build_tokenizer(corpus.tokenizer_corpus(
+        corpus.all_prompt_specs()))
     assert rebuilt.backend_tokenizer.to_str() == (
         tokenizer.backend_tokenizer.to_str()), (
             "the prompts changed since the tiny model was built: rerun "
-            "python -m moraljax.llm.tiny.build")
+            "python -m moraljax.tiny_build.build")
 
 
 def test_logits_match_transformers(tokenizer, policy):
@@ -162,7 +165,7 @@ def test_logits_match_transformers(tokenizer, policy):
                                      prompts.TEST_ACTIONS])
 def test_base_answers_mostly_legal_with_both_actions(tokenizer, policy,
                                                      actions):
-    shares = build.answer_shares(policy, tokenizer,
+    shares = probes.answer_shares(policy, tokenizer,
                                  _ipd_table(tokenizer, actions), actions,
                                  jax.random.key(7), samples_per_prompt=256)
     legal = shares["C"] + shares["D"]
@@ -177,9 +180,9 @@ def test_answer_distribution_ignores_state_and_order(tokenizer, policy):
     # Exact probabilities by teacher forcing, on every structured prompt of
     # every game and table order: p("action") and p(digit | "action").
     prefix = tokenizer.convert_tokens_to_ids("action")
-    probe = jax.jit(build.answer_probabilities)
+    probe = jax.jit(probes.answer_probabilities)
     for actions in (prompts.TRAIN_ACTIONS, prompts.TEST_ACTIONS):
-        digits = build.action_digit_ids(tokenizer, actions)
+        digits = training.action_digit_ids(tokenizer, actions)
         rows = []
         for name in games.GAME_NAMES:
             for order in prompts.TABLE_ORDERS:
@@ -203,7 +206,7 @@ def test_answer_distribution_ignores_state_and_order(tokenizer, policy):
 def test_lora_learns_reciprocity_quickly():
     # The deontological agent must read the opponent's last move from the
     # prompt; a rank-8 adapter should get there in a few dozen steps.
-    result = build.lora_probe(tiny.CHECKPOINT_DIR, "reciprocate", steps=30,
+    result = probes.lora_probe(tiny.CHECKPOINT_DIR, "reciprocate", steps=30,
                               eval_every=30)
     print(f"reciprocate: p(target) {result.mean_target_prob}")
     assert result.mean_target_prob[0] < 0.5
@@ -211,22 +214,22 @@ def test_lora_learns_reciprocity_quickly():
 
 
 def test_training_is_deterministic():
-    specs = (build.all_prompt_specs(
+    specs = (corpus.all_prompt_specs(
         action_pairs=(prompts.TRAIN_ACTIONS,), families=("structured",),
         preambles=(None,), payoff_tables=[games.GAMES["IPD"].payoffs])[:8]
-             + build.recall_prompt_specs(
+             + corpus.recall_prompt_specs(
                  action_pairs=(prompts.TRAIN_ACTIONS,),
                  payoff_tables=[games.GAMES["IPD"].payoffs])[:8])
-    tokenizer = build.build_tokenizer(build.tokenizer_corpus(specs),
+    tokenizer = tokenizer_lib.build_tokenizer(corpus.tokenizer_corpus(specs),
                                       vocab_size=800)
-    again = build.build_tokenizer(build.tokenizer_corpus(specs),
+    again = tokenizer_lib.build_tokenizer(corpus.tokenizer_corpus(specs),
                                   vocab_size=800)
     assert tokenizer.backend_tokenizer.to_str() == (
         again.backend_tokenizer.to_str())
-    data = build.build_training_set(tokenizer, specs, recall_share=0.5)
-    config = build.tiny_config(len(tokenizer))
-    train = build.TrainConfig(steps=3, batch_size=4, log_every=3)
-    first = jax.tree.leaves(build.train_base(config, data, train))
-    second = jax.tree.leaves(build.train_base(config, data, train))
+    data = training.build_training_set(tokenizer, specs, recall_share=0.5)
+    config = training.tiny_config(len(tokenizer))
+    train = training.TrainConfig(steps=3, batch_size=4, log_every=3)
+    first = jax.tree.leaves(training.train_base(config, data, train))
+    second = jax.tree.leaves(training.train_base(config, data, train))
     for left, right in zip(first, second, strict=True):
         np.testing.assert_array_equal(np.asarray(left), np.asarray(right))

@@ -1,6 +1,6 @@
 """Trained adapters in PEFT's on-disk format: export, and load back.
 
-A morally fine-tuned agent is the frozen Gemma-2 base plus its LoRA factors
+A morally fine-tuned agent is the frozen base model plus its LoRA factors
 and value head (SPEC.md section 6). ``export_peft_adapter`` writes the
 factors as a PEFT LoRA adapter, so that ``transformers`` + ``peft`` load the
 agent (``PeftModel.from_pretrained(base, directory)``) and any server that
@@ -38,10 +38,13 @@ PEFT's adapted torch ``Linear`` computes ``y = x W^T + (x A^T B^T) alpha/r``
 only: export followed by load returns bit-identical float32 parameters.
 
 The base architecture's fingerprint is ``sha256`` of the canonical JSON of the
-``Gemma2Config`` fields that determine the weights' shapes and the forward
-pass (``ARCHITECTURE_FIELDS``). Gemma-2-2b and Gemma-2-2b-it share one
-fingerprint: it tells architectures apart, and ``base_model_name_or_path``
-records which checkpoint the adapter was trained on.
+``DecoderConfig`` fields that determine the weights' shapes and the forward
+pass (``ARCHITECTURE_FIELDS``, then ``FAMILY_FIELDS`` where they differ from
+Gemma 2's, so that adapters exported before the other families existed keep
+their fingerprint). Gemma-2-2b and Gemma-2-2b-it share one fingerprint: it
+tells architectures apart, and ``base_model_name_or_path`` records which
+checkpoint the adapter was trained on. The PEFT module names of the targets
+are the base family's (``families.Family.peft_module_names``).
 
 Axis legend: L layers, I input features, O output features, R LoRA rank,
 D model dim.
@@ -62,7 +65,8 @@ import safetensors.numpy
 from absl import logging
 from flax import nnx
 
-from moraljax.llm import gemma2
+from moraljax.llm import decoder_config
+from moraljax.llm import families
 from moraljax.llm import lora as lora_lib
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -72,16 +76,10 @@ METADATA_FILE = "moraljax_adapter.json"
 METADATA_FORMAT = "moraljax-peft-adapter"
 METADATA_VERSION = 1
 
-# moraljax's short target names -> the transformers module names PEFT matches.
-TARGET_MODULES = {
-    "q": "q_proj",
-    "k": "k_proj",
-    "v": "v_proj",
-    "o": "o_proj",
-    "gate": "gate_proj",
-    "up": "up_proj",
-    "down": "down_proj",
-}
+# moraljax's short target names -> the transformers module names PEFT matches,
+# for an adapter exported without a base config (every supported family uses these).
+TARGET_MODULES = dict(families.FAMILIES["gemma2"].peft_module_names)
+# moraljax's own module names in the parameter tree are the same names.
 _TARGET_OF_MODULE = {module: target for target, module in TARGET_MODULES.items()}
 
 # PeftModelForCausalLM wraps the LoRA model (base_model) around the
@@ -90,7 +88,7 @@ PEFT_PREFIX = "base_model.model."
 VALUE_WEIGHT_NAME = "v_head.summary.weight"
 VALUE_BIAS_NAME = "v_head.summary.bias"
 
-# Gemma2Config fields that fix the weights' shapes and the forward pass; token
+# DecoderConfig fields that fix the weights' shapes and the forward pass; token
 # ids and max_position_embeddings (informational for RoPE) do not matter.
 ARCHITECTURE_FIELDS = (
     "vocab_size",
@@ -109,7 +107,27 @@ ARCHITECTURE_FIELDS = (
     "final_logit_softcapping",
 )
 
-_REAL_FIELDS = ("rope_theta", "rms_norm_eps", "attn_logit_softcapping", "final_logit_softcapping")
+# The fields the other families added, recorded only where they differ from
+# Gemma 2's (the DecoderConfig defaults), which keeps Gemma 2 fingerprints as
+# they were before these fields existed.
+FAMILY_FIELDS = (
+    "model_type",
+    "rope_scaling",
+    "sliding_rope_theta",
+    "norm_offset",
+    "post_norms",
+    "qk_norm",
+    "qkv_bias",
+    "hidden_activation",
+    "tie_word_embeddings",
+    "scale_embeddings",
+)
+_GEMMA2_DEFAULTS = decoder_config.DecoderConfig()
+
+_REAL_FIELDS = (
+    "rope_theta", "rms_norm_eps", "attn_logit_softcapping", "final_logit_softcapping", "sliding_rope_theta",
+    "norm_offset",
+)
 
 # safetensors dtypes that widen to float32 exactly (PEFT may save bf16/fp16
 # factors when the model it wraps runs in that dtype).
@@ -120,22 +138,27 @@ _EXACT_TO_FLOAT32 = ("F32", "BF16", "F16")
 # Base architecture fingerprint.
 
 
-def base_architecture(config: gemma2.Gemma2Config) -> dict[str, Any]:
-    """The ``ARCHITECTURE_FIELDS`` of a config, as JSON-ready values.
+def base_architecture(config: decoder_config.DecoderConfig) -> dict[str, Any]:
+    """The ``ARCHITECTURE_FIELDS`` of a config, and its ``FAMILY_FIELDS`` off Gemma 2's, as JSON-ready values.
 
     Args:
         config: the base model's architecture.
 
     Returns:
         A dict field -> value (tuples as lists; real-valued fields as floats,
-        so that the spelling 50 or 50.0 in a config.json does not matter).
+        so that the spelling 50 or 50.0 in a config.json does not matter;
+        the RoPE scaling as a dict).
     """
-    fields = dataclasses.asdict(config)
+    names = ARCHITECTURE_FIELDS + tuple(
+        name for name in FAMILY_FIELDS if getattr(config, name) != getattr(_GEMMA2_DEFAULTS, name)
+    )
     architecture = {}
-    for name in ARCHITECTURE_FIELDS:
-        value = fields[name]
+    for name in names:
+        value = getattr(config, name)
         if isinstance(value, tuple):
             value = list(value)
+        elif isinstance(value, decoder_config.RopeScaling):
+            value = dataclasses.asdict(value)
         elif name in _REAL_FIELDS and value is not None:
             # 50 and 50.0 (as config.json files may spell a cap) must hash alike.
             value = float(value)
@@ -148,7 +171,7 @@ def _fingerprint_of(architecture: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def base_fingerprint(config: gemma2.Gemma2Config) -> str:
+def base_fingerprint(config: decoder_config.DecoderConfig) -> str:
     """Fingerprint of a base architecture: sha256 of its canonical JSON.
 
     ``"sha256:" + sha256(json(base_architecture(config), sorted keys))[:16]``.
@@ -217,14 +240,14 @@ def _targets_in(factors: Mapping[tuple, _Factor]) -> tuple[str, ...]:
     return tuple(t for t in lora_lib.LORA_TARGETS if t in present)
 
 
-def _layer_dims(config: gemma2.Gemma2Config) -> dict[str, tuple[int, int]]:
+def _layer_dims(config: decoder_config.DecoderConfig) -> dict[str, tuple[int, int]]:
     """(I, O) of every adaptable linear layer of one decoder layer."""
     d, f = config.hidden_size, config.intermediate_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
 
 
-def _expected_factor_shape(factor: _Factor, config: gemma2.Gemma2Config, rank: int) -> tuple[int, int, int]:
+def _expected_factor_shape(factor: _Factor, config: decoder_config.DecoderConfig, rank: int) -> tuple[int, int, int]:
     in_features, out_features = _layer_dims(config)[factor.target]
     if factor.is_a:
         return (config.num_hidden_layers, in_features, rank)
@@ -250,7 +273,14 @@ def peft_tensor_name(module_path: str, layer: int, is_a: bool) -> str:
 # Export.
 
 
-def _peft_adapter_config(lora: lora_lib.LoraConfig, base_model_name_or_path: str) -> dict[str, Any]:
+def _peft_module_names(config: decoder_config.DecoderConfig | None) -> Mapping[str, str]:
+    """Target short name -> PEFT module name for the base's family (the common names without a base)."""
+    return TARGET_MODULES if config is None else families.family_of(config.model_type).peft_module_names
+
+
+def _peft_adapter_config(
+    lora: lora_lib.LoraConfig, base_model_name_or_path: str, module_names: Mapping[str, str]
+) -> dict[str, Any]:
     """adapter_config.json contents (fields PEFT 0.21 writes for plain LoRA)."""
     return {
         "peft_type": "LORA",
@@ -259,7 +289,7 @@ def _peft_adapter_config(lora: lora_lib.LoraConfig, base_model_name_or_path: str
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
-        "target_modules": [TARGET_MODULES[t] for t in lora.targets],
+        "target_modules": [module_names[t] for t in lora.targets],
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -283,19 +313,68 @@ def _host_float32(variable, path: tuple) -> np.ndarray:
     return array
 
 
+def _factor_tensors(
+    flat, factors: Mapping[tuple, _Factor], lora: lora_lib.LoraConfig, base_config
+) -> dict[str, np.ndarray]:
+    """PEFT's per-layer tensors of every LoRA factor, after checking its shape."""
+    tensors = {}
+    for state_path, variable in flat:
+        if state_path not in factors:
+            continue
+        factor = factors[state_path]
+        array = _host_float32(variable, state_path)
+        if array.ndim != 3 or array.shape[2 if factor.is_a else 1] != lora.rank:
+            raise ValueError(
+                f"trainable leaf {_dotted(state_path)} has shape {array.shape}; expected a stacked "
+                f"[L, I, R] / [L, R, O] factor with R = lora.rank = {lora.rank} (select one learner first)."
+            )
+        if base_config is not None:
+            expected = _expected_factor_shape(factor, base_config, lora.rank)
+            if array.shape != expected:
+                raise ValueError(
+                    f"trainable leaf {_dotted(state_path)} has shape {array.shape}, but base_config "
+                    f"(fingerprint {base_fingerprint(base_config)}) needs {expected}."
+                )
+        for layer in range(array.shape[0]):
+            # torch Linear layout: A [R, I], B [O, R] (see the module docstring).
+            name = peft_tensor_name(factor.module_path, layer, factor.is_a)
+            tensors[name] = np.ascontiguousarray(array[layer].T)
+    return tensors
+
+
+def _value_head_tensors(flat, value_paths: Mapping[str, tuple], base_config) -> dict[str, np.ndarray]:
+    """TRL's value-head tensors, after checking that the state has a head of the right shape."""
+    missing = [n for n in (lora_lib.VALUE_KERNEL_NAME, lora_lib.VALUE_BIAS_NAME) if n not in value_paths]
+    if missing:
+        raise ValueError(
+            f"value_head=True but the trainable state has no value_head.{missing[0]}; "
+            "pass value_head=False to export the adapters only."
+        )
+    kernel_path = value_paths[lora_lib.VALUE_KERNEL_NAME]
+    bias_path = value_paths[lora_lib.VALUE_BIAS_NAME]
+    kernel = _host_float32(_leaf(flat, kernel_path), kernel_path)
+    bias = _host_float32(_leaf(flat, bias_path), bias_path)
+    hidden = base_config.hidden_size if base_config is not None else kernel.shape[0]
+    if kernel.shape != (hidden, 1) or bias.shape != (1,):
+        raise ValueError(
+            f"value head has kernel {kernel.shape} and bias {bias.shape}; expected ({hidden}, 1) and (1,)."
+        )
+    return {VALUE_WEIGHT_NAME: np.ascontiguousarray(kernel.T), VALUE_BIAS_NAME: bias.copy()}
+
+
 def export_peft_adapter(
     trainable_state: nnx.State,
     lora: lora_lib.LoraConfig,
     path: str | os.PathLike,
     *,
     base_model_name_or_path: str,
-    base_config: gemma2.Gemma2Config | None = None,
+    base_config: decoder_config.DecoderConfig | None = None,
     value_head: bool = True,
 ) -> None:
     """Writes one learner's adapters (and value head) as a PEFT LoRA adapter.
 
     The files and the tensor mapping are in the module docstring. The result
-    loads with ``peft.PeftModel.from_pretrained(Gemma2ForCausalLM, path)``
+    loads with ``peft.PeftModel.from_pretrained(<Family>ForCausalLM, path)``
     and with ``load_peft_adapter``. A training state holds [N] learners; pass
     one of them, e.g. ``jax.tree.map(lambda x: x[n], trainable)``.
 
@@ -331,48 +410,8 @@ def export_peft_adapter(
         raise ValueError(
             f"lora.targets {lora.targets} do not match the trainable state's adapted layers {targets}."
         )
-
-    tensors = {}
-    for state_path, variable in flat:
-        if state_path not in factors:
-            continue
-        factor = factors[state_path]
-        array = _host_float32(variable, state_path)
-        if array.ndim != 3 or array.shape[2 if factor.is_a else 1] != lora.rank:
-            raise ValueError(
-                f"trainable leaf {_dotted(state_path)} has shape {array.shape}; expected a stacked "
-                f"[L, I, R] / [L, R, O] factor with R = lora.rank = {lora.rank} (select one learner first)."
-            )
-        if base_config is not None:
-            expected = _expected_factor_shape(factor, base_config, lora.rank)
-            if array.shape != expected:
-                raise ValueError(
-                    f"trainable leaf {_dotted(state_path)} has shape {array.shape}, but base_config "
-                    f"(fingerprint {base_fingerprint(base_config)}) needs {expected}."
-                )
-        for layer in range(array.shape[0]):
-            # torch Linear layout: A [R, I], B [O, R] (see the module docstring).
-            name = peft_tensor_name(factor.module_path, layer, factor.is_a)
-            tensors[name] = np.ascontiguousarray(array[layer].T)
-
-    value_tensors = None
-    if value_head:
-        missing = [n for n in (lora_lib.VALUE_KERNEL_NAME, lora_lib.VALUE_BIAS_NAME) if n not in value_paths]
-        if missing:
-            raise ValueError(
-                f"value_head=True but the trainable state has no value_head.{missing[0]}; "
-                "pass value_head=False to export the adapters only."
-            )
-        kernel_path = value_paths[lora_lib.VALUE_KERNEL_NAME]
-        bias_path = value_paths[lora_lib.VALUE_BIAS_NAME]
-        kernel = _host_float32(_leaf(flat, kernel_path), kernel_path)
-        bias = _host_float32(_leaf(flat, bias_path), bias_path)
-        hidden = base_config.hidden_size if base_config is not None else kernel.shape[0]
-        if kernel.shape != (hidden, 1) or bias.shape != (1,):
-            raise ValueError(
-                f"value head has kernel {kernel.shape} and bias {bias.shape}; expected ({hidden}, 1) and (1,)."
-            )
-        value_tensors = {VALUE_WEIGHT_NAME: np.ascontiguousarray(kernel.T), VALUE_BIAS_NAME: bias.copy()}
+    tensors = _factor_tensors(flat, factors, lora, base_config)
+    value_tensors = _value_head_tensors(flat, value_paths, base_config) if value_head else None
 
     directory = pathlib.Path(path)
     directory.mkdir(parents=True, exist_ok=True)
@@ -383,7 +422,8 @@ def export_peft_adapter(
     elif (directory / VALUE_HEAD_FILE).exists():
         # A stale head from an earlier export would be read as this adapter's.
         (directory / VALUE_HEAD_FILE).unlink()
-    _write_json(directory / ADAPTER_CONFIG_FILE, _peft_adapter_config(lora, base_model_name_or_path))
+    adapter_config = _peft_adapter_config(lora, base_model_name_or_path, _peft_module_names(base_config))
+    _write_json(directory / ADAPTER_CONFIG_FILE, adapter_config)
     _write_json(
         directory / METADATA_FILE,
         {
@@ -426,7 +466,10 @@ def _read_json(file: pathlib.Path) -> dict[str, Any]:
 
 
 def lora_config_from_peft(
-    adapter_config: Mapping[str, Any], *, source: str = ADAPTER_CONFIG_FILE
+    adapter_config: Mapping[str, Any],
+    *,
+    source: str = ADAPTER_CONFIG_FILE,
+    module_names: Mapping[str, str] = TARGET_MODULES,
 ) -> lora_lib.LoraConfig:
     """moraljax ``LoraConfig`` of a PEFT adapter_config.json, if it is one moraljax runs.
 
@@ -436,6 +479,8 @@ def lora_config_from_peft(
     Args:
         adapter_config: the parsed adapter_config.json.
         source: file name used in error messages.
+        module_names: target short name -> PEFT module name in the base's
+            family (``families.Family.peft_module_names``).
 
     Returns:
         ``LoraConfig(rank=r, alpha=lora_alpha, dropout=lora_dropout,
@@ -443,7 +488,7 @@ def lora_config_from_peft(
 
     Raises:
         ValueError: for another peft_type or task_type, a target that is not
-            one of the seven Gemma-2 projections, bias, DoRA, rsLoRA,
+            one of the seven projections of a decoder layer, bias, DoRA, rsLoRA,
             fan_in_fan_out, per-module rank/alpha patterns, a layer subset,
             or modules_to_save.
     """
@@ -464,21 +509,22 @@ def lora_config_from_peft(
         require(field, "an empty pattern (one rank and alpha for all layers)", lambda v: not v)
     for field in ("layers_to_transform", "modules_to_save", "target_parameters", "trainable_token_indices"):
         require(field, "null", lambda v: v is None or v == [])
+    target_of_module = {module: target for target, module in module_names.items()}
     modules = cfg.get("target_modules")
     if modules == "all-linear":
         # PEFT expands it to every linear layer but the LM head: all seven.
-        modules = list(TARGET_MODULES.values())
+        modules = list(module_names.values())
     if not isinstance(modules, (list, tuple)) or not modules:
         raise ValueError(
             f"{source}: target_modules is {modules!r}; moraljax loads a list of names from "
-            f"{list(TARGET_MODULES.values())} or 'all-linear'."
+            f"{list(module_names.values())} or 'all-linear'."
         )
-    unknown = [m for m in modules if m not in _TARGET_OF_MODULE]
+    unknown = [m for m in modules if m not in target_of_module]
     if unknown:
         raise ValueError(
-            f"{source}: target_modules has {unknown}; moraljax adapts only {list(TARGET_MODULES.values())}."
+            f"{source}: target_modules has {unknown}; moraljax adapts only {list(module_names.values())}."
         )
-    present = {_TARGET_OF_MODULE[m] for m in modules}
+    present = {target_of_module[m] for m in modules}
     rank = cfg.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool):
         raise ValueError(f"{source}: r must be an int, got {rank!r}.")
@@ -499,8 +545,10 @@ def lora_config_from_peft(
         raise ValueError(f"{source}: {error}") from error
 
 
-def _check_fingerprint(directory: pathlib.Path, config: gemma2.Gemma2Config) -> None:
-    """Refuses an adapter whose recorded base architecture differs from ``config``."""
+def _check_fingerprint(
+    directory: pathlib.Path, config: decoder_config.DecoderConfig, base_name: str | None
+) -> None:
+    """Refuses an adapter whose recorded base architecture differs from ``config``, naming both bases."""
     file = directory / METADATA_FILE
     if not file.is_file():
         logging.info("%s: no %s (not exported by moraljax); checking tensor shapes only.", directory, METADATA_FILE)
@@ -519,14 +567,17 @@ def _check_fingerprint(directory: pathlib.Path, config: gemma2.Gemma2Config) -> 
         return
     architecture = metadata.get("base_architecture") or {}
     ours = base_architecture(config)
+    # A family field absent from a record is at Gemma 2's value.
+    defaults = base_architecture(_GEMMA2_DEFAULTS) | {name: getattr(_GEMMA2_DEFAULTS, name) for name in FAMILY_FIELDS}
     differences = [
-        f"{name}: adapter {architecture.get(name)!r} vs base {ours[name]!r}"
-        for name in ARCHITECTURE_FIELDS
-        if architecture.get(name) != ours[name]
+        f"{name}: adapter {architecture.get(name, defaults[name])!r} vs base {ours.get(name, defaults[name])!r}"
+        for name in ARCHITECTURE_FIELDS + FAMILY_FIELDS
+        if architecture and architecture.get(name, defaults[name]) != ours.get(name, defaults[name])
     ]
+    this_base = f"{base_name!r} ({config.model_type})" if base_name else f"a {config.model_type} base"
     raise ValueError(
-        f"{directory}: adapter was trained on base {metadata.get('base_model_name_or_path')!r} with architecture "
-        f"fingerprint {recorded}, but base_config has fingerprint {expected}; differing fields: "
+        f"{directory}: adapter was made for base {metadata.get('base_model_name_or_path')!r} "
+        f"(architecture fingerprint {recorded}), not for {this_base} (fingerprint {expected}); differing fields: "
         f"{'; '.join(differences) or 'unknown (base_architecture not recorded)'}."
     )
 
@@ -568,65 +619,10 @@ class _TensorFile:
             )
 
 
-def load_peft_adapter(
-    path: str | os.PathLike,
-    template_trainable_state: nnx.State | nnx.Module,
-    *,
-    base_config: gemma2.Gemma2Config,
-    value_head: bool = True,
-) -> tuple[nnx.State, lora_lib.LoraConfig]:
-    """Reads a PEFT LoRA adapter directory into moraljax's trainable state.
-
-    Inverse of ``export_peft_adapter`` (bit-exact); also reads adapters that
-    PEFT wrote for a transformers Gemma-2 (``get_peft_model(...)
-    .save_pretrained``), whose directory has no value head and no moraljax
-    metadata. Per-layer tensors are stacked on the L axis, transposed to
-    [I, R] / [R, O] and widened to float32.
-
-    Args:
-        path: the adapter directory.
-        template_trainable_state: trainable state (arrays or
-            ``jax.ShapeDtypeStruct`` leaves) of a policy built for this
-            adapter, e.g. ``split_policy(policy)[1]`` for a policy made with
-            the returned ``LoraConfig``; or the policy itself. Only its
-            structure and shapes are used, except with ``value_head=False``.
-        base_config: architecture of the base the adapter will run on.
-        value_head: read ``value_head.safetensors``; False returns the
-            template's value-head leaves unchanged (e.g. a fresh head for an
-            adapter trained without a critic).
-
-    Returns:
-        (trainable state with the template's structure, the adapter's
-        ``LoraConfig``).
-
-    Raises:
-        FileNotFoundError: if the directory or one of its files is missing.
-        ValueError: an adapter_config moraljax cannot run; an adapter trained
-            on another base architecture (both fingerprints and the differing
-            fields are named); a template with other targets, another rank or
-            shapes that do not fit ``base_config``; a missing, mis-shaped or
-            unexpected tensor (named).
-    """
-    directory = pathlib.Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"adapter directory {directory} does not exist.")
-    config_file = directory / ADAPTER_CONFIG_FILE
-    weights_file = directory / ADAPTER_WEIGHTS_FILE
-    for file in (config_file, weights_file):
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"{file} not found: a PEFT adapter directory holds {ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE}."
-            )
-    lora = lora_config_from_peft(_read_json(config_file), source=str(config_file))
-    _check_fingerprint(directory, base_config)
-
-    template = (
-        nnx.state(template_trainable_state, lora_lib.TRAINABLE)
-        if isinstance(template_trainable_state, nnx.Module)
-        else template_trainable_state
-    )
-    flat = list(nnx.to_flat_state(template))
-    factors, value_paths = _sort_trainable(flat)
+def _check_template(
+    flat, factors: Mapping[tuple, _Factor], lora: lora_lib.LoraConfig, base_config, config_file: pathlib.Path
+) -> None:
+    """Refuses a template whose targets, rank or shapes do not fit the adapter and the base."""
     template_targets = _targets_in(factors)
     if template_targets != lora.targets:
         raise ValueError(
@@ -650,7 +646,10 @@ def load_peft_adapter(
                 f"(fingerprint {base_fingerprint(base_config)}) needs {expected}."
             )
 
-    new_leaves = []
+
+def _read_factors(weights_file: pathlib.Path, flat, factors: Mapping[tuple, _Factor]) -> list[tuple[tuple, Any]]:
+    """The template's factor leaves, filled from PEFT's per-layer tensors (all of which must be used)."""
+    leaves = []
     with safetensors.safe_open(weights_file, framework="flax") as handle:
         reader = _TensorFile(weights_file, handle)
         for state_path, variable in flat:
@@ -663,9 +662,75 @@ def load_peft_adapter(
             for layer in range(shape[0]):
                 name = peft_tensor_name(factor.module_path, layer, factor.is_a)
                 host[layer] = reader.read(name, per_layer_peft_shape).T
-            new_leaves.append((state_path, variable.copy(jnp.asarray(host))))
+            leaves.append((state_path, variable.copy(jnp.asarray(host))))
         reader.check_all_used()
+    return leaves
 
+
+def load_peft_adapter(
+    path: str | os.PathLike,
+    template_trainable_state: nnx.State | nnx.Module,
+    *,
+    base_config: decoder_config.DecoderConfig,
+    value_head: bool = True,
+    base_model_name_or_path: str | None = None,
+) -> tuple[nnx.State, lora_lib.LoraConfig]:
+    """Reads a PEFT LoRA adapter directory into moraljax's trainable state.
+
+    Inverse of ``export_peft_adapter`` (bit-exact); also reads adapters that
+    PEFT wrote for a transformers model of a supported family
+    (``get_peft_model(...).save_pretrained``), whose directory has no value
+    head and no moraljax metadata. Per-layer tensors are stacked on the L
+    axis, transposed to [I, R] / [R, O] and widened to float32.
+
+    Args:
+        path: the adapter directory.
+        template_trainable_state: trainable state (arrays or
+            ``jax.ShapeDtypeStruct`` leaves) of a policy built for this
+            adapter, e.g. ``split_policy(policy)[1]`` for a policy made with
+            the returned ``LoraConfig``; or the policy itself. Only its
+            structure and shapes are used, except with ``value_head=False``.
+        base_config: architecture of the base the adapter will run on.
+        value_head: read ``value_head.safetensors``; False returns the
+            template's value-head leaves unchanged (e.g. a fresh head for an
+            adapter trained without a critic).
+        base_model_name_or_path: the base's name or directory, for messages.
+
+    Returns:
+        (trainable state with the template's structure, the adapter's
+        ``LoraConfig``).
+
+    Raises:
+        FileNotFoundError: if the directory or one of its files is missing.
+        ValueError: an adapter_config moraljax cannot run; an adapter made
+            for another base architecture (both bases, both fingerprints and
+            the differing fields are named); a template with other targets,
+            another rank or shapes that do not fit ``base_config``; a
+            missing, mis-shaped or unexpected tensor (named).
+    """
+    directory = pathlib.Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist.")
+    config_file = directory / ADAPTER_CONFIG_FILE
+    weights_file = directory / ADAPTER_WEIGHTS_FILE
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{file} not found: a PEFT adapter directory holds {ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE}."
+            )
+    lora = lora_config_from_peft(
+        _read_json(config_file), source=str(config_file), module_names=_peft_module_names(base_config)
+    )
+    _check_fingerprint(directory, base_config, base_model_name_or_path)
+    template = (
+        nnx.state(template_trainable_state, lora_lib.TRAINABLE)
+        if isinstance(template_trainable_state, nnx.Module)
+        else template_trainable_state
+    )
+    flat = list(nnx.to_flat_state(template))
+    factors, value_paths = _sort_trainable(flat)
+    _check_template(flat, factors, lora, base_config, config_file)
+    new_leaves = _read_factors(weights_file, flat, factors)
     if value_paths:
         if value_head:
             new_leaves.extend(_read_value_head(directory, flat, value_paths, base_config))
@@ -675,7 +740,7 @@ def load_peft_adapter(
 
 
 def _read_value_head(
-    directory: pathlib.Path, flat, value_paths: Mapping[str, tuple], base_config: gemma2.Gemma2Config
+    directory: pathlib.Path, flat, value_paths: Mapping[str, tuple], base_config: decoder_config.DecoderConfig
 ) -> list[tuple[tuple, Any]]:
     file = directory / VALUE_HEAD_FILE
     if not file.is_file():

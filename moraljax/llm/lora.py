@@ -1,6 +1,6 @@
 """LoRA linear layers, the value head and the trainable-parameter filter.
 
-The policy of the paper (SPEC.md section 6) is a frozen Gemma-2 base with
+The policy of the paper (SPEC.md section 6) is a frozen base model with
 LoRA adapters on every linear layer (Hu et al., 2021) and a scalar value head
 (TRL ``AutoModelForCausalLMWithValueHead``). Only the adapters and the value
 head are trained, so they are stored as their own ``nnx.Variable`` types and
@@ -19,10 +19,10 @@ model's outputs unchanged; ``A`` starts like PEFT's default
 
 Module constructors only declare variables (zero placeholders, cheap under
 ``nnx.eval_shape``); values come from ``init_trainable`` (adapters, value
-head) and from a checkpoint or ``gemma2.random_base_state`` (frozen base).
+head) and from a checkpoint or ``policy.random_base_state`` (frozen base).
 
 Layers are stored stacked over the L (layer) axis by the model that owns them
-(see ``gemma2.py``), so every parameter here may carry leading axes; the layer
+(see ``decoder.py``), so every parameter here may carry leading axes; the layer
 code itself only ever sees one layer's slice.
 
 Randomness is explicit data: dropout takes a ``jax.Array`` key (``None``
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Every linear layer of a Gemma-2 decoder layer, in PEFT's short names. The
+# Every linear layer of a decoder layer, in PEFT's short names. The
 # position in this tuple is also the id folded into a layer's dropout key.
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -250,10 +250,11 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, *, suffix_of: int 
 
 
 class LoRALinear(nnx.Module):
-    """A bias-free linear layer with an optional LoRA adapter.
+    """A linear layer (bias optional) with an optional LoRA adapter.
 
     Attributes:
         kernel: frozen base weight, ``nnx.Param`` [..., I, O] in the param dtype.
+        bias: frozen base bias, ``nnx.Param`` [..., O], present with ``use_bias``.
         lora_a: ``LoRAParam`` [..., I, R] float32, present when adapted.
         lora_b: ``LoRAParam`` [..., R, O] float32, zeros at init.
     """
@@ -267,6 +268,7 @@ class LoRALinear(nnx.Module):
         lora: LoraConfig | None,
         param_dtype: jnp.dtype,
         stack: tuple[int, ...] = (),
+        use_bias: bool = False,
     ):
         """Declares the layer's variables (zero placeholders, see the module doc).
 
@@ -278,6 +280,8 @@ class LoRALinear(nnx.Module):
                 ``lora.targets``. None builds a plain linear layer.
             param_dtype: dtype of the frozen kernel (bfloat16 or float32).
             stack: leading axes (e.g. (L,)) when the owner stores layers stacked.
+            use_bias: give the base layer a (frozen) bias, as Qwen2.5's q, k
+                and v projections have.
 
         Raises:
             ValueError: if ``target`` is not one of ``LORA_TARGETS``.
@@ -286,6 +290,9 @@ class LoRALinear(nnx.Module):
             raise ValueError(f"LoRALinear target must be one of {LORA_TARGETS}, got {target!r}.")
         self.target_id = LORA_TARGETS.index(target)
         self.kernel = nnx.Param(jnp.zeros((*stack, in_features, out_features), param_dtype))
+        if use_bias:
+            self.bias = nnx.Param(jnp.zeros((*stack, out_features), param_dtype))
+        self.use_bias = use_bias
         self.adapted = lora is not None and target in lora.targets
         if self.adapted:
             self.scale = lora.scale
@@ -329,7 +336,11 @@ class LoRALinear(nnx.Module):
         # what a bfloat16 matmul does anyway (up to summation order); asking
         # for the float32 result lets XLA:CPU use its fast bfloat16 kernels
         # (1.4-4x faster than its bfloat16-output path on an AVX512-BF16 Xeon).
-        y = jnp.matmul(x2, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
+        y = jnp.matmul(x2, kernel, preferred_element_type=jnp.float32)
+        if self.use_bias:
+            # Added before the one rounding, as a fused addmm does.
+            y = y + self.bias[...].astype(jnp.float32)
+        y = y.astype(x.dtype)
         if not (self.adapted and lora_enabled):
             return y.reshape(*lead, kernel.shape[-1])
         # The adapter runs in float32 whatever the base dtype (PEFT casts the

@@ -26,7 +26,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moraljax.llm import gemma2
+from moraljax.llm import decoder
+from moraljax.llm import policy as policy_lib
 
 
 @flax.struct.dataclass
@@ -146,13 +147,13 @@ def sample_token(
 
 
 def prefill(
-    policy: gemma2.Policy,
+    policy: policy_lib.Policy,
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
     max_new_tokens: int,
     *,
     lora_enabled: bool = True,
-) -> tuple[gemma2.KVCache, jax.Array]:
+) -> tuple[decoder.KVCache, jax.Array]:
     """Runs left-padded prompts through the model into a fresh cache.
 
     Args:
@@ -169,15 +170,15 @@ def prefill(
     chex.assert_rank([prompt_ids, prompt_mask], 2)
     chex.assert_equal_shape([prompt_ids, prompt_mask])
     batch, length = prompt_ids.shape
-    cache = gemma2.init_cache(policy.config, batch, length + max_new_tokens, policy.model.dtype)
-    positions = gemma2.positions_from_mask(prompt_mask)
+    cache = decoder.init_cache(policy.config, batch, length + max_new_tokens, policy.model.dtype)
+    positions = decoder.positions_from_mask(prompt_mask)
     out = policy.forward(prompt_ids, positions, prompt_mask, cache, lora_enabled=lora_enabled, num_outputs=1)
     return out.cache, out.hidden[:, -1]
 
 
 def decode_step(
-    policy: gemma2.Policy, cache: gemma2.KVCache, tokens: jax.Array, *, lora_enabled: bool = True
-) -> tuple[gemma2.KVCache, jax.Array]:
+    policy: policy_lib.Policy, cache: decoder.KVCache, tokens: jax.Array, *, lora_enabled: bool = True
+) -> tuple[decoder.KVCache, jax.Array]:
     """Feeds one token per row through the cache.
 
     Args:
@@ -197,8 +198,8 @@ def decode_step(
 
 
 def generate_from_cache(
-    policy: gemma2.Policy,
-    cache: gemma2.KVCache,
+    policy: policy_lib.Policy,
+    cache: decoder.KVCache,
     last_hidden: jax.Array,
     key: jax.Array,
     gen_len: int,
@@ -262,7 +263,7 @@ def generate_from_cache(
 
 
 def generate(
-    policy: gemma2.Policy,
+    policy: policy_lib.Policy,
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
     key: jax.Array,
@@ -306,7 +307,7 @@ def generate(
 
 
 def _generate_with_dropout(
-    policy: gemma2.Policy,
+    policy: policy_lib.Policy,
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
     key: jax.Array,
@@ -337,7 +338,7 @@ def _generate_with_dropout(
     batch = prompt_ids.shape[0]
     response = jnp.zeros((batch, gen_len), prompt_ids.dtype)
     mask = jnp.concatenate([prompt_mask, jnp.ones_like(response, dtype=prompt_mask.dtype)], axis=1)
-    positions = gemma2.positions_from_mask(mask)
+    positions = decoder.positions_from_mask(mask)
     tokens, logprobs, values = [], [], []
     for step in range(gen_len):  # 2 in the paper: unrolled.
         out = policy.forward(
@@ -362,7 +363,7 @@ def _generate_with_dropout(
 
 
 def score_responses(
-    policy: gemma2.Policy,
+    policy: policy_lib.Policy,
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
     response_ids: jax.Array,
@@ -403,7 +404,7 @@ def score_responses(
     # response_len + 1 outputs, less the final token's.
     out = policy.forward(
         tokens,
-        gemma2.positions_from_mask(mask),
+        decoder.positions_from_mask(mask),
         mask,
         lora_enabled=lora_enabled,
         dropout_key=key_model,

@@ -44,7 +44,8 @@ from moraljax import games
 from moraljax import opponents
 from moraljax import prompts
 from moraljax import rewards
-from moraljax.llm import gemma2
+from moraljax.llm import decoder
+from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
 
 
@@ -173,7 +174,7 @@ def _sample_one(
     settings: SamplingSettings,
 ) -> sampling.GenerateOutput:
     """One learner samples an answer to one prompt: [T] -> [L] arrays."""
-    policy = gemma2.merge_policy(graphdef, trainable, frozen)
+    policy = policy_lib.merge_policy(graphdef, trainable, frozen)
     out = sampling.generate(
         policy,
         ids[None],
@@ -322,7 +323,7 @@ def rescore(
     """
 
     def one_learner(trainable, rows, tokens):
-        policy = gemma2.merge_policy(graphdef, trainable, frozen)
+        policy = policy_lib.merge_policy(graphdef, trainable, frozen)
         return sampling.score_responses(policy, table.ids[rows], table.mask[rows], tokens)
 
     scored = jax.vmap(one_learner)(trainable, decisions.prompt_row, decisions.tokens)
@@ -338,7 +339,7 @@ class ReferencePrefix:
         last_hidden: float32 [P, D], hidden state of each prompt's last token.
     """
 
-    cache: gemma2.KVCache
+    cache: decoder.KVCache
     last_hidden: jax.Array
 
 
@@ -350,7 +351,7 @@ def reference_prefix(
     `trainable_one` is any one learner's trainable state: with the adapter
     off it does not enter the computation, but the policy needs it to exist.
     """
-    policy = gemma2.merge_policy(graphdef, trainable_one, frozen)
+    policy = policy_lib.merge_policy(graphdef, trainable_one, frozen)
     cache, last_hidden = sampling.prefill(policy, table.ids, table.mask, gen_len - 1, lora_enabled=False)
     return ReferencePrefix(cache=cache, last_hidden=last_hidden)
 
@@ -372,7 +373,7 @@ def reference_logprobs(
     Returns:
         float32 [M, L]: log pi_ref(token_l | prompt, tokens_<l).
     """
-    policy = gemma2.merge_policy(graphdef, trainable_one, frozen)
+    policy = policy_lib.merge_policy(graphdef, trainable_one, frozen)
     cache = jax.tree.map(lambda x: x[prompt_row], prefix.cache)
     hidden = prefix.last_hidden[prompt_row]
     logprobs = []

@@ -13,8 +13,9 @@ sometimes illegally. It exists so that the pipeline (prompt tables,
 sampling, parsing, rewards, PPO) runs end to end on a CPU in minutes and its
 tests can assert learning; no finding about LLMs can be drawn from it.
 
-``build.py`` regenerates it deterministically:
-``python -m moraljax.llm.tiny.build``.
+The builder lives outside the model package (it needs the games and the
+prompts) and regenerates it deterministically:
+``python -m moraljax.tiny_build.build``.
 """
 
 import pathlib

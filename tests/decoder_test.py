@@ -1,6 +1,9 @@
-"""Parity of moraljax's Gemma-2 with transformers' PyTorch Gemma2 (float32, CPU).
+"""The decoder in depth on Gemma 2: parity with transformers, caches, bfloat16, partial outputs.
 
-A tiny random Gemma2ForCausalLM is saved with ``save_pretrained`` (once as
+Every family's parity is checked in tests/families_test.py; here the
+decoder's machinery is checked on Gemma 2, the family with the most
+features at once (sandwich norms, both softcaps, sliding windows). A tiny
+random Gemma2ForCausalLM is saved with ``save_pretrained`` (once as
 one file, once sharded) and loaded through ``checkpoints.load_hf_model``.
 The batches are left-padded and longer than the sliding window; the norm
 weights are randomised (transformers initialises them to zero) and the
@@ -19,8 +22,9 @@ import transformers
 from flax import nnx
 
 from moraljax.llm import checkpoints
-from moraljax.llm import gemma2
+from moraljax.llm import decoder
 from moraljax.llm import lora
+from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
 
 VOCAB = 200
@@ -98,7 +102,7 @@ def _hf_logits(model, ids, mask):
 
 @nnx.jit
 def _forward_logits(policy, ids, mask):
-    out = policy.forward(ids, gemma2.positions_from_mask(mask), mask, lora_enabled=False)
+    out = policy.forward(ids, decoder.positions_from_mask(mask), mask, lora_enabled=False)
     return policy.logits(out.hidden)
 
 
@@ -108,7 +112,7 @@ def _our_logits(policy, ids, mask):
 
 def _with_config(policy, config):
     """The same weights under another config (e.g. without a softcap)."""
-    abstract = nnx.eval_shape(lambda: gemma2.Policy(config, key=jax.random.key(0)))
+    abstract = nnx.eval_shape(lambda: policy_lib.Policy(config, key=jax.random.key(0)))
     graphdef = nnx.graphdef(abstract)
     return nnx.merge(graphdef, nnx.state(policy))
 
@@ -187,7 +191,7 @@ def test_kv_cache_decode_equals_full_forward(policy):
     decoded = np.stack(decoded[:-1], axis=1)  # hidden of tokens prompt_len-1 .. 14
 
     full_mask = jnp.asarray(mask)
-    full = policy.forward(jnp.asarray(ids), gemma2.positions_from_mask(full_mask), full_mask, lora_enabled=False)
+    full = policy.forward(jnp.asarray(ids), decoder.positions_from_mask(full_mask), full_mask, lora_enabled=False)
     expected = np.asarray(full.hidden[:, prompt_len - 1 : prompt_len - 1 + steps])
     np.testing.assert_allclose(decoded, expected, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(cache.end_index), [16, 16])
@@ -204,133 +208,38 @@ def test_bfloat16_weights_stay_close(checkpoint_dirs, policy):
     assert diff.max() < 0.3  # bf16 rounding of weights and activations only
 
 
-def test_config_from_hf_v4_and_v5_spellings():
-    common = dict(
-        model_type="gemma2", vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=4, sliding_window=4,
-    )
-    v4 = gemma2.Gemma2Config.from_hf(dict(common, rope_theta=123.0, hidden_act="gelu_pytorch_tanh"))
-    v5 = gemma2.Gemma2Config.from_hf(
-        dict(common, rope_parameters={"rope_type": "default", "rope_theta": 123.0}, layer_types=None)
-    )
-    assert v4 == v5
-    assert v4.rope_theta == 123.0
-    # transformers' default: even layers slide.
-    assert v4.is_sliding == (True, False, True)
-    assert gemma2.Gemma2Config.from_hf(v4.to_hf()) == v4
-    # transformers itself reads our dict back to the same architecture.
-    hf = transformers.Gemma2Config(**{k: v for k, v in v4.to_hf().items() if k != "model_type"})
-    assert hf.layer_types == list(v4.layer_types)
-    assert hf.rope_parameters["rope_theta"] == 123.0
-
-
-def test_gemma2_2b_preset():
-    config = gemma2.Gemma2Config.gemma2_2b()
-    assert (config.num_hidden_layers, config.hidden_size, config.head_dim) == (26, 2304, 256)
-    assert config.is_sliding[:4] == (True, False, True, False)
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (dict(model_type="llama"), "model_type"),
-        (dict(hidden_activation="relu"), "hidden_activation"),
-        (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1.0, "factor": 2.0}), "rope_type"),
-        (dict(tie_word_embeddings=False), "tie_word_embeddings"),
-        (dict(num_attention_heads=3), "num_key_value_heads"),
-        (dict(layer_types=["full_attention"]), "layer_types"),
-        (dict(layer_types=["local", "full_attention"]), "layer_types"),
-        (dict(sliding_window=0), "sliding_window"),
-        (dict(attn_logit_softcapping=-1.0), "attn_logit_softcapping"),
-    ],
-)
-def test_config_validation(overrides, message):
-    base = dict(
-        model_type="gemma2", vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=4, sliding_window=4,
-    )
-    with pytest.raises(ValueError, match=message):
-        gemma2.Gemma2Config.from_hf(dict(base, **overrides))
-
-
 def test_positions_from_mask():
     mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
     np.testing.assert_array_equal(
-        gemma2.positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
+        decoder.positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
     )
 
 
-def test_rms_norm_and_softcap_by_hand():
+def test_rms_norm_by_hand():
     x = jnp.array([[3.0, 4.0]])
-    # mean(x^2) = 12.5; x / sqrt(12.5) * (1 + [0, 1]).
+    # mean(x^2) = 12.5; x / sqrt(12.5) * (1 + [0, 1]) (Gemma), or * [0.5, 2] (Llama, Qwen).
     np.testing.assert_allclose(
-        gemma2.rms_norm(x, jnp.array([0.0, 1.0]), 0.0), [[3 / 12.5**0.5, 8 / 12.5**0.5]], rtol=1e-6
+        decoder.rms_norm(x, jnp.array([0.0, 1.0]), 0.0), [[3 / 12.5**0.5, 8 / 12.5**0.5]], rtol=1e-6
     )
-    np.testing.assert_allclose(gemma2.softcap(jnp.array([0.0, 100.0]), 2.0), [0.0, 2.0], atol=1e-6)
-    np.testing.assert_allclose(gemma2.softcap(jnp.array([1.0]), None), [1.0])
-
-
-def _textbook_attention(queries, keys, values, allowed, query_scale, logit_cap):
-    """Attention written plainly, for autodiff to differentiate."""
-    logits = jnp.einsum("btkgh,bskh->bkgts", queries, keys) * query_scale
-    logits = gemma2.softcap(logits, logit_cap)
-    logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, values)
-
-
-@pytest.mark.parametrize("logit_cap", [1.5, None])
-def test_attention_hand_written_backward_matches_autodiff(logit_cap):
-    batch, length, capacity, kv_heads, groups, head_dim = 2, 5, 7, 2, 3, 4
-    key_q, key_k, key_v, key_mask, key_w = jax.random.split(jax.random.key(0), 5)
-    queries = 2.0 * jax.random.normal(key_q, (batch, length, kv_heads, groups, head_dim))
-    keys = jax.random.normal(key_k, (batch, capacity, kv_heads, head_dim))
-    values = jax.random.normal(key_v, (batch, capacity, kv_heads, head_dim))
-    allowed = jax.random.bernoulli(key_mask, 0.6, (batch, length, capacity))
-    allowed = allowed.at[0, 1].set(False)  # a fully masked (padding) query
-    weights = jax.random.normal(key_w, queries.shape)
-
-    def loss(fn):
-        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, allowed, 0.7, logit_cap)) * weights)
-
-    ours = jax.jit(jax.value_and_grad(loss(gemma2.attention), argnums=(0, 1, 2)))(queries, keys, values)
-    theirs = jax.jit(jax.value_and_grad(loss(_textbook_attention), argnums=(0, 1, 2)))(queries, keys, values)
-    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5)
-    for got, want in zip(ours[1], theirs[1]):
-        assert np.abs(np.asarray(want)).max() > 1e-3  # the gradient is not trivially zero
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    # The masked query's row gets no gradient, as through jnp.where.
-    np.testing.assert_array_equal(ours[1][0][0, 1], 0.0)
-
-
-def test_rotary_tables_are_cos_and_sin_kept_bit_exact():
-    # The identity product that pins a table in memory changes no bit.
-    table = jax.random.normal(jax.random.key(0), (3, 7, 16)) * jnp.logspace(-30, 30, 16)
-    np.testing.assert_array_equal(jax.jit(lora.materialize)(table), table)
-    positions = jnp.array([[0, 0, 1, 2, 30], [0, 1, 2, 3, 4]])
-
-    @jax.jit
-    def tables_and_formula(positions):
-        inv_freq = 1.0 / (500.0 ** (jnp.arange(0, 16, 2, dtype=jnp.float32) / 16))
-        angles = positions.astype(jnp.float32)[..., None] * inv_freq
-        return gemma2.rotary_tables(positions, 16, 500.0), jnp.cos(angles), jnp.sin(angles)
-
-    tables, cos, sin = tables_and_formula(positions)
-    assert tables.cos.shape == (2, 5, 1, 8)
-    np.testing.assert_allclose(tables.cos[:, :, 0], cos, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(tables.sin[:, :, 0], sin, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        decoder.rms_norm(x, jnp.array([0.5, 2.0]), 0.0, offset=0.0), [[1.5 / 12.5**0.5, 8 / 12.5**0.5]], rtol=1e-6
+    )
+    # Without the offset the weight applies in the input's dtype, like transformers' LlamaRMSNorm.
+    bf16 = decoder.rms_norm(x.astype(jnp.bfloat16), jnp.array([0.3, 0.7], jnp.bfloat16), 0.0, offset=0.0)
+    normed = (x / 12.5**0.5).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(bf16, (normed * jnp.array([0.3, 0.7], jnp.bfloat16)).astype(jnp.float32))
 
 
 def _adapted_policy(num_layers):
     """A random policy with non-zero adapters (fresh ones are exact no-ops)."""
-    config = gemma2.Gemma2Config(
+    config = decoder.DecoderConfig(
         vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=4,
         layer_types=tuple(["sliding_attention", "full_attention"] * num_layers)[:num_layers],
         sliding_window=3, query_pre_attn_scalar=4,
     )
     lora_config = lora.LoraConfig(rank=2, alpha=4.0, dropout=0.3)
-    policy = gemma2.init_policy(config, lora=lora_config, value_head_dropout=0.0, key=jax.random.key(1))
+    policy = policy_lib.init_policy(config, lora=lora_config, value_head_dropout=0.0, key=jax.random.key(1))
     trainable = nnx.state(policy, lora.TRAINABLE)
     noise = jax.random.normal(jax.random.key(2), (sum(x.size for x in jax.tree.leaves(trainable)),))
     leaves, offset = [], 0
@@ -346,7 +255,7 @@ def test_num_outputs_gives_the_last_hidden_states_of_the_full_forward(num_layers
     policy = _adapted_policy(num_layers)
     ids, mask = _left_padded_batch(7, batch=3, length=9, pads=[0, 4, 2])
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-    positions = gemma2.positions_from_mask(mask)
+    positions = decoder.positions_from_mask(mask)
     dropout_key = jax.random.key(3)
 
     @nnx.jit(static_argnames="num_outputs")
@@ -360,7 +269,7 @@ def test_num_outputs_gives_the_last_hidden_states_of_the_full_forward(num_layers
         assert tail.shape == (3, n, 16)
         np.testing.assert_allclose(tail, full[:, -n:], rtol=1e-5, atol=1e-5)
     # Through a cache (prefill), every token's keys and values are still written.
-    cache = gemma2.init_cache(policy.config, 3, 11, jnp.float32)
+    cache = decoder.init_cache(policy.config, 3, 11, jnp.float32)
     full_hidden, full_cache = forward(policy, None, cache)
     last_hidden, last_cache = forward(policy, 1, cache)
     np.testing.assert_allclose(last_hidden, full_hidden[:, -1:], rtol=1e-5, atol=1e-5)
