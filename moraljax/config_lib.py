@@ -99,6 +99,7 @@ class RewardSettings:
         illegal_penalty: reward for an illegal answer (paper: -6).
         paper_opponent_illegal: the authors' rewards when an LLM opponent answers
             illegally (SPEC 5); False uses the opponent's last legal move always.
+        beta: virtue_mixed's weight on equality (SPEC 10); unused by other rewards.
     """
 
     name: str = "util"
@@ -107,6 +108,7 @@ class RewardSettings:
     xi: float = rewards.TRAINING_XI
     illegal_penalty: float = rewards.ILLEGAL_PENALTY
     paper_opponent_illegal: bool = True
+    beta: float = rewards.VIRTUE_MIXED_BETA
 
     def __post_init__(self):
         check_choice("reward.name", self.name, rewards.REWARD_NAMES)
@@ -115,6 +117,9 @@ class RewardSettings:
             check_positive_int("reward.switch_episode", self.switch_episode)
         check_finite("reward.xi", self.xi)
         check_finite("reward.illegal_penalty", self.illegal_penalty)
+        check_finite("reward.beta", self.beta)
+        if self.xi == 0 and "virtue_mixed" in (self.name, self.switch_to):
+            fail("reward.xi", self.xi, "a nonzero number with virtue_mixed (it divides kindness)")
 
     def specs(self) -> tuple[rewards.RewardSpec, rewards.RewardSpec]:
         """The reward before and after the switch (the same when no switch)."""
@@ -123,6 +128,7 @@ class RewardSettings:
                 xi=self.xi,
                 illegal_penalty=self.illegal_penalty,
                 paper_opponent_illegal=self.paper_opponent_illegal,
+                beta=self.beta,
         )
         first = make(self.name)
         return first, make(self.switch_to) if self.switch_to else first

@@ -327,8 +327,8 @@ class EvalDecisions:
         action: int32 parsed action (0 = C, 1 = D, -1 = illegal).
         opponent_action: int32 O's move.
         prev_m, prev_o: int32, the state shown in the prompt.
-        reward_game, reward_deont, reward_util, reward_game_deont: float32
-            rewards of Table 1, the deontological terms with xi_eval (so
+        named_rewards: {"reward_<name>": float32} every named reward
+            (rewards.REWARD_NAMES), the xi terms with xi_eval (so
             reward_deont = -regret_deont).
         regret_deont, regret_util: float32 moral regrets.
         action_type: int32 index into games.ACTION_TYPE_NAMES.
@@ -340,10 +340,7 @@ class EvalDecisions:
     opponent_action: jax.Array
     prev_m: jax.Array
     prev_o: jax.Array
-    reward_game: jax.Array
-    reward_deont: jax.Array
-    reward_util: jax.Array
-    reward_game_deont: jax.Array
+    named_rewards: dict[str, jax.Array]
     regret_deont: jax.Array
     regret_util: jax.Array
     action_type: jax.Array
@@ -758,7 +755,7 @@ def evaluate_policies(
 _MOVE_NAMES = games.ACTION_NAMES
 _ACTION_NAMES = {0: "C", 1: "D", -1: "illegal"}
 _BEYOND_ANSWER_OF = {0: "C", 1: "D", -1: "other"}
-_REWARD_FIELDS = ("reward_game", "reward_deont", "reward_util", "reward_game_deont", "regret_deont", "regret_util")
+_REGRET_FIELDS = ("regret_deont", "regret_util")
 SHARE_COLUMNS = tuple(f"share_{name}" for name in games.ACTION_TYPE_NAMES)
 
 
@@ -782,7 +779,9 @@ def decision_rows(results: EvalResults, tokenizer) -> list[dict[str, Any]]:
                         "legal": bool(records.action[m, e, d] >= 0),
                         "action_type": games.ACTION_TYPE_NAMES[records.action_type[m, e, d]],
                     }
-                    row.update({k: float(getattr(records, k)[m, e, d]) for k in _REWARD_FIELDS})
+                    row.update({f"reward_{n}": float(records.named_rewards[f"reward_{n}"][m, e, d])
+                                for n in rewards.REWARD_NAMES})
+                    row.update({k: float(getattr(records, k)[m, e, d]) for k in _REGRET_FIELDS})
                     rows.append(row)
     return rows
 

@@ -49,15 +49,12 @@ from moraljax.llm import sampling
 from moraljax.rl import ppo
 from moraljax.rl import rollout
 
-# Metrics of `rollout.Decisions` that go to the host (the rest stay on device).
+# Metrics of `rollout.Decisions` that go to the host with its `named_rewards`
+# (the rest stay on device).
 DECISION_METRICS = (
     "action_type",
     "opponent_legal",
     "reward",
-    "reward_game",
-    "reward_deont",
-    "reward_util",
-    "reward_game_deont",
     "regret_deont",
     "regret_util",
 )
@@ -220,7 +217,7 @@ def train_chunk(
         ref = ref.reshape(decisions.logprobs.shape)
         update = functools.partial(_update_one, graphdef, frozen, env.prompts, settings)
         learners, stats = jax.vmap(update)(learners, decisions, ref, key_update)
-        metrics = {name: getattr(decisions, name) for name in DECISION_METRICS}
+        metrics = {name: getattr(decisions, name) for name in DECISION_METRICS} | decisions.named_rewards
         return learners, (metrics, stats)
 
     learners, (metrics, stats) = jax.lax.scan(one_episode, learners, None, length=settings.num_episodes)

@@ -126,8 +126,8 @@ class Decisions:
         opponent_legal: bool, False only when an LLM opponent was illegal.
         prev_m, prev_o: int32, the state shown in the prompt.
         reward: float32 training reward (the current reward type).
-        reward_game, reward_deont, reward_util, reward_game_deont: float32,
-            every named reward of the same decision, for the metrics.
+        named_rewards: {"reward_<name>": float32} every named reward
+            (rewards.REWARD_NAMES) of the same decision, for the metrics.
         regret_deont, regret_util: float32 moral regrets (SPEC 8).
         action_type: int32 index into games.ACTION_TYPE_NAMES.
     """
@@ -143,10 +143,7 @@ class Decisions:
     prev_m: jax.Array
     prev_o: jax.Array
     reward: jax.Array
-    reward_game: jax.Array
-    reward_deont: jax.Array
-    reward_util: jax.Array
-    reward_game_deont: jax.Array
+    named_rewards: dict[str, jax.Array]
     regret_deont: jax.Array
     regret_util: jax.Array
     action_type: jax.Array
