@@ -157,6 +157,56 @@ class Condition:
         return f"{label}_vs_{self.opponent}"
 
 
+MATCHING_RULES = ("random",)
+
+
+def parse_composition(text: str) -> tuple[tuple[str, int], ...]:
+    """"util:4,game:4" -> (("util", 4), ("game", 4)), or a one-line error."""
+    allowed = ("'type:count,...' with types from " + ", ".join(rewards.REWARD_NAMES)
+               + ", each once, counts >= 1 and an even total >= 2")
+    if not isinstance(text, str):
+        fail("population.composition", text, allowed)
+    parts = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, count = (piece.strip() for piece in item.partition(":"))
+        if not sep or name not in rewards.REWARD_NAMES or not count.isdigit() or int(count) < 1:
+            fail("population.composition", text, allowed)
+        parts.append((name, int(count)))
+    names = [name for name, _ in parts]
+    total = sum(count for _, count in parts)
+    if len(set(names)) != len(names) or total < 2 or total % 2:
+        fail("population.composition", text, allowed)
+    return tuple(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulationSettings:
+    """A population of learners with moral types (issue 13; SPEC 10).
+
+    Attributes:
+        composition: "type:count,..." (types are reward names), e.g.
+            "util:4,game:4"; '' = no population (the paper's experiments).
+            Every member is a learner (own LoRA, value head, optimiser, score
+            normaliser) over the one frozen base; each seed is one population.
+        matching: how members are paired each episode: "random" (a fresh
+            random perfect matching drawn in jit).
+    """
+
+    composition: str = ""
+    matching: str = "random"
+
+    def __post_init__(self):
+        if self.composition:
+            parse_composition(self.composition)
+        check_choice("population.matching", self.matching, MATCHING_RULES)
+
+    def members(self) -> tuple[str, ...]:
+        """The type (reward name) of every member, in composition order."""
+        if not self.composition:
+            return ()
+        return tuple(name for name, count in parse_composition(self.composition) for _ in range(count))
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptSettings:
     """The structured prompt's action strings and table order (SPEC 4, 8)."""
@@ -313,9 +363,13 @@ class ExperimentConfig:
     run: RunSettings
     mesh: MeshSettings
     conditions: tuple[Condition, ...] = ()
+    population: PopulationSettings = PopulationSettings()
 
     def __post_init__(self):
         self.ppo.mini_batch_size(self.run.batch_size)  # raises if it does not divide
+        if self.population.composition and self.conditions:
+            fail("conditions", [c.name for c in self.conditions],
+                 "none with population.composition (a population's conditions are its types)")
         names = [condition.name for condition in self.all_conditions()]
         if len(set(names)) != len(names):
             fail("conditions", names, "distinct conditions (reward schedule and opponent)")
@@ -362,6 +416,7 @@ def experiment_from_config_dict(config: ml_collections.ConfigDict | dict) -> Exp
         "ppo": ppo.PPOConfig,
         "run": RunSettings,
         "mesh": MeshSettings,
+        "population": PopulationSettings,
     }
     unknown = sorted(set(values) - set(sections) - {"conditions"})
     if unknown:

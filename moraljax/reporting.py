@@ -306,10 +306,11 @@ def _check_learners(learners: Sequence[Mapping[str, Any]]) -> None:
     if len(set(ids)) != len(ids):
         raise ValueError(f"learner ids {ids} are not unique; expected one id "
                          "per learner.")
-    runs = [(l["condition"], int(l["player"]), int(l["seed"]))
+    # Members of a population (train.py) share condition and seed.
+    runs = [(l["condition"], int(l["player"]), int(l["seed"]), l.get("member"))
             for l in learners]
     if len(set(runs)) != len(runs):
-        raise ValueError(f"(condition, player, seed) triples {runs} are not "
+        raise ValueError(f"(condition, player, seed, member) of {runs} are not "
                          "unique; expected each run once.")
 
 
