@@ -23,8 +23,14 @@ Outputs (besides the ordinary run's): action_types.png has one panel per
 type (Figure 2 style), population.csv, who_played_whom.csv/png,
 social_outcomes.csv/png, population_summary.json/md (95% CI over seeds).
 
-Measured (tiny model, this 2-core CPU shared with other jobs): see README.md
-("Populations"); the numbers are repeated there with the command.
+Measured (tiny model, this 2-core CPU shared with other engineers' jobs, default
+command: 16 members x 2 seeds = 32 learners, 1000 episodes): 3 min 42 s wall,
+compilation included. Final 100 episodes, cooperation share per type (mean over
+the 2 seeds): S 0.003, UT 0.998, aUT 0.000, DE 0.495 (one seed cooperates, the
+other collapsed to always-illegal, the tiny model's failure mode described in
+config_lib.tiny_model_overrides), mDE 0.387, VEe 0.103, VIe 0.990, VEk 0.997,
+Vagg 0.002; collective payoff 70.9 +- 8.7 per episode, Gini 0.46, minimum
+payoff 0.005. See README.md ("Populations").
 """
 
 from moraljax import config_lib

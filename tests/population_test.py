@@ -113,12 +113,11 @@ def test_eight_devices_match_one(assert_close_to_scale):
     devices = jax.devices()
     assert len(devices) == 8, "tests/conftest.py sets 8 fake CPU devices"
     cfg = population_config("util:2,game:2", seeds=(1, 2), num_episodes=2, episodes_per_chunk=2)
-    results = []
-    for mesh_devices in (devices[:1], devices):
+    def two_episodes(mesh_devices):
         run = train.build_run(cfg, devices=mesh_devices)
-        metrics, stats = run.advance(2)
-        results.append((metrics, stats, run.learners))
-    (m1, s1, l1), (m8, s8, l8) = results
+        return (*run.advance(2), run.learners)
+
+    (m1, s1, l1), (m8, s8, l8) = two_episodes(devices[:1]), two_episodes(devices)
     np.testing.assert_array_equal(m1["partner"], m8["partner"])
     np.testing.assert_array_equal(m1["action_type"], m8["action_type"])
     for key in m1:
@@ -136,3 +135,18 @@ def test_resumed_population_equals_uninterrupted(tmp_path):
     for name in ("metrics.csv", "population.csv", "social_outcomes.csv", "who_played_whom.csv",
                  "population_summary.json"):
         assert (tmp_path / "straight" / name).read_text() == (tmp_path / "resumed" / name).read_text(), name
+
+
+def test_evaluation_labels_members_by_type(population_run):
+    from moraljax import evaluate
+
+    workdir, _ = population_run
+    settings = evaluate.EvalSettings(games=("IPD",), table_orders=("original",), episodes=2, decisions=2,
+                                     value_preambles=(), beyond_families=("action_only",), beyond_samples=2)
+    summary = evaluate.evaluate_workdir(workdir, settings, progress=False)
+    ipd = [r for r in summary["regrets"] if r["actions"] == "action3/action4"]
+    runs = {r["kind"]: r["runs"] for r in ipd}
+    assert runs == {"util": 2, "game": 2, "virtue_kindness": 2, "virtue_aggressiveness": 2, "base": 1}
+    with (workdir / "evaluation" / "decisions.csv").open(newline="") as handle:
+        models = {row["model"] for row in csv.DictReader(handle)}
+    assert "util/seed1/member0" in models and "virtue_aggressiveness/seed1/member7" in models
