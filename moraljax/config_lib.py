@@ -69,6 +69,7 @@ class RewardSettings:
         illegal_penalty: reward for an illegal answer (paper: -6).
         paper_opponent_illegal: the authors' rewards when an LLM opponent answers
             illegally (SPEC 5); False uses the opponent's last legal move always.
+        beta: virtue_mixed's weight on equality (SPEC 10); unused by other rewards.
     """
 
     name: str = "util"
@@ -77,6 +78,7 @@ class RewardSettings:
     xi: float = rewards.TRAINING_XI
     illegal_penalty: float = rewards.ILLEGAL_PENALTY
     paper_opponent_illegal: bool = True
+    beta: float = rewards.VIRTUE_MIXED_BETA
 
     def __post_init__(self):
         check_choice("reward.name", self.name, rewards.REWARD_NAMES)
@@ -85,6 +87,9 @@ class RewardSettings:
             check_positive_int("reward.switch_episode", self.switch_episode)
         check_finite("reward.xi", self.xi)
         check_finite("reward.illegal_penalty", self.illegal_penalty)
+        check_finite("reward.beta", self.beta)
+        if self.xi == 0 and "virtue_mixed" in (self.name, self.switch_to):
+            fail("reward.xi", self.xi, "a nonzero number with virtue_mixed (it divides kindness)")
 
     def specs(self) -> tuple[rewards.RewardSpec, rewards.RewardSpec]:
         """The reward before and after the switch (the same when no switch)."""
@@ -93,6 +98,7 @@ class RewardSettings:
                 xi=self.xi,
                 illegal_penalty=self.illegal_penalty,
                 paper_opponent_illegal=self.paper_opponent_illegal,
+                beta=self.beta,
         )
         first = make(self.name)
         return first, make(self.switch_to) if self.switch_to else first
@@ -119,6 +125,56 @@ class Condition:
         reward = self.reward
         label = f"{reward.name}->{reward.switch_to}" if reward.switch_to else reward.name
         return f"{label}_vs_{self.opponent}"
+
+
+MATCHING_RULES = ("random",)
+
+
+def parse_composition(text: str) -> tuple[tuple[str, int], ...]:
+    """"util:4,game:4" -> (("util", 4), ("game", 4)), or a one-line error."""
+    allowed = ("'type:count,...' with types from " + ", ".join(rewards.REWARD_NAMES)
+               + ", each once, counts >= 1 and an even total >= 2")
+    if not isinstance(text, str):
+        fail("population.composition", text, allowed)
+    parts = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, count = (piece.strip() for piece in item.partition(":"))
+        if not sep or name not in rewards.REWARD_NAMES or not count.isdigit() or int(count) < 1:
+            fail("population.composition", text, allowed)
+        parts.append((name, int(count)))
+    names = [name for name, _ in parts]
+    total = sum(count for _, count in parts)
+    if len(set(names)) != len(names) or total < 2 or total % 2:
+        fail("population.composition", text, allowed)
+    return tuple(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulationSettings:
+    """A population of learners with moral types (issue 13; SPEC 10).
+
+    Attributes:
+        composition: "type:count,..." (types are reward names), e.g.
+            "util:4,game:4"; '' = no population (the paper's experiments).
+            Every member is a learner (own LoRA, value head, optimiser, score
+            normaliser) over the one frozen base; each seed is one population.
+        matching: how members are paired each episode: "random" (a fresh
+            random perfect matching drawn in jit).
+    """
+
+    composition: str = ""
+    matching: str = "random"
+
+    def __post_init__(self):
+        if self.composition:
+            parse_composition(self.composition)
+        check_choice("population.matching", self.matching, MATCHING_RULES)
+
+    def members(self) -> tuple[str, ...]:
+        """The type (reward name) of every member, in composition order."""
+        if not self.composition:
+            return ()
+        return tuple(name for name, count in parse_composition(self.composition) for _ in range(count))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,9 +334,13 @@ class ExperimentConfig:
     run: RunSettings
     mesh: MeshSettings
     conditions: tuple[Condition, ...] = ()
+    population: PopulationSettings = PopulationSettings()
 
     def __post_init__(self):
         self.ppo.mini_batch_size(self.run.batch_size)  # raises if it does not divide
+        if self.population.composition and self.conditions:
+            fail("conditions", [c.name for c in self.conditions],
+                 "none with population.composition (a population's conditions are its types)")
         names = [condition.name for condition in self.all_conditions()]
         if len(set(names)) != len(names):
             fail("conditions", names, "distinct conditions (reward schedule and opponent)")
@@ -327,6 +387,7 @@ def experiment_from_config_dict(config: ml_collections.ConfigDict | dict) -> Exp
         "ppo": ppo.PPOConfig,
         "run": RunSettings,
         "mesh": MeshSettings,
+        "population": PopulationSettings,
     }
     unknown = sorted(set(values) - set(sections) - {"conditions"})
     if unknown:

@@ -327,8 +327,8 @@ class EvalDecisions:
         action: int32 parsed action (0 = C, 1 = D, -1 = illegal).
         opponent_action: int32 O's move.
         prev_m, prev_o: int32, the state shown in the prompt.
-        reward_game, reward_deont, reward_util, reward_game_deont: float32
-            rewards of Table 1, the deontological terms with xi_eval (so
+        named_rewards: {"reward_<name>": float32} every named reward
+            (rewards.REWARD_NAMES), the xi terms with xi_eval (so
             reward_deont = -regret_deont).
         regret_deont, regret_util: float32 moral regrets.
         action_type: int32 index into games.ACTION_TYPE_NAMES.
@@ -340,10 +340,7 @@ class EvalDecisions:
     opponent_action: jax.Array
     prev_m: jax.Array
     prev_o: jax.Array
-    reward_game: jax.Array
-    reward_deont: jax.Array
-    reward_util: jax.Array
-    reward_game_deont: jax.Array
+    named_rewards: dict[str, jax.Array]
     regret_deont: jax.Array
     regret_util: jax.Array
     action_type: jax.Array
@@ -591,17 +588,20 @@ def matrix_prompt_tables(
 
 
 def _model_specs(seeds: Sequence[int], kinds: Sequence[str], include_base: bool,
-                 value_preambles: Sequence[str]) -> list[ModelSpec]:
+                 value_preambles: Sequence[str], members: Sequence[int] | None = None) -> list[ModelSpec]:
     seeds = [int(s) for s in seeds]
-    if len(set(zip(kinds, seeds))) != len(seeds) or any(s < 0 for s in seeds):
+    # Population members of one type share kind and seed; their member index tells them apart.
+    tags = [None] * len(seeds) if members is None else [int(m) for m in members]
+    if len(set(zip(kinds, seeds, tags))) != len(seeds) or any(s < 0 for s in seeds):
         config_lib.fail("seeds", seeds, "integers >= 0, one per fine-tuned model, distinct within a kind")
     reserved = {BASE} | {f"base+{v}" for v in value_preambles}
     if reserved & set(kinds):
         config_lib.fail("kinds", sorted(set(kinds)), f"labels other than {', '.join(sorted(reserved))}")
     # Models of different kinds with the same seed share sampling keys:
     # common random numbers make conditions directly comparable.
-    models = [ModelSpec(f"seed{s}" if kind == FINE_TUNED else f"{kind}/seed{s}", kind, s, 1 + s, None)
-              for kind, s in zip(kinds, seeds)]
+    models = [ModelSpec((f"seed{s}" if kind == FINE_TUNED else f"{kind}/seed{s}")
+                        + ("" if tag is None else f"/member{tag}"), kind, s, 1 + s, None)
+              for kind, s, tag in zip(kinds, seeds, tags)]
     if include_base:
         models.append(ModelSpec(BASE, BASE, None, BASE_MODEL_CODE, None))
         models += [ModelSpec(f"base+{v}", f"base+{v}", None, BASE_MODEL_CODE, v) for v in value_preambles]
@@ -617,6 +617,7 @@ def evaluate_policies(
     *,
     seeds: Sequence[int] | None = None,
     kinds: Sequence[str] | None = None,
+    members: Sequence[int] | None = None,
     include_base: bool = True,
     choose_actions: ChooseFn | None = None,
     progress: Callable[[str], None] | None = None,
@@ -640,6 +641,8 @@ def evaluate_policies(
         kinds: a label per fine-tuned model, e.g. its training condition;
             tables and figures average the runs of each kind. Default
             FINE_TUNED for all.
+        members: population member index per model (names; several models
+            may then share kind and seed), or None.
         include_base: add the base and value-prompted base models.
         choose_actions: replaces the model's sampling (`sample_choice`),
             e.g. by a fixed policy in tests; the protocol, state and regret
@@ -663,7 +666,7 @@ def evaluate_policies(
     kinds = [FINE_TUNED] * num_fine_tuned if kinds is None else list(kinds)
     if len(kinds) != num_fine_tuned or not all(isinstance(k, str) and k for k in kinds):
         config_lib.fail("kinds", kinds, f"{num_fine_tuned} non-empty labels, one per model of `trainable`")
-    models = _model_specs(seeds, kinds, include_base, settings.value_preambles)
+    models = _model_specs(seeds, kinds, include_base, settings.value_preambles, members)
     num_base_rows = len(models) - num_fine_tuned
     params = jax.tree.map(
         lambda x: jnp.concatenate([jnp.asarray(x), jnp.zeros((num_base_rows,) + np.shape(x)[1:], x.dtype)]),
@@ -758,7 +761,7 @@ def evaluate_policies(
 _MOVE_NAMES = games.ACTION_NAMES
 _ACTION_NAMES = {0: "C", 1: "D", -1: "illegal"}
 _BEYOND_ANSWER_OF = {0: "C", 1: "D", -1: "other"}
-_REWARD_FIELDS = ("reward_game", "reward_deont", "reward_util", "reward_game_deont", "regret_deont", "regret_util")
+_REGRET_FIELDS = ("regret_deont", "regret_util")
 SHARE_COLUMNS = tuple(f"share_{name}" for name in games.ACTION_TYPE_NAMES)
 
 
@@ -782,7 +785,9 @@ def decision_rows(results: EvalResults, tokenizer) -> list[dict[str, Any]]:
                         "legal": bool(records.action[m, e, d] >= 0),
                         "action_type": games.ACTION_TYPE_NAMES[records.action_type[m, e, d]],
                     }
-                    row.update({k: float(getattr(records, k)[m, e, d]) for k in _REWARD_FIELDS})
+                    row.update({f"reward_{n}": float(records.named_rewards[f"reward_{n}"][m, e, d])
+                                for n in rewards.REWARD_NAMES})
+                    row.update({k: float(getattr(records, k)[m, e, d]) for k in _REGRET_FIELDS})
                     rows.append(row)
     return rows
 
@@ -1152,11 +1157,15 @@ def evaluate_workdir(
     # One condition: its models are "fine_tuned"; several (one program of a
     # run matrix): each model is labelled with its condition.
     kinds = [FINE_TUNED if len(conditions) == 1 else info["condition"] for info in agents]
+    # Population members are labelled by their moral type (their condition).
+    members = [info["member"] for info in agents] if cfg.population.composition else None
+    if members is not None:
+        kinds = [info["condition"] for info in agents]
     say(f"evaluating {len(agents)} fine-tuned model(s) of {', '.join(conditions)} (episode {step})"
         " and the base model")
     results = evaluate_policies(
         run.graphdef, run.frozen, trainable, run.tokenizer, settings,
-        seeds=[info["seed"] for info in agents], kinds=kinds, progress=say,
+        seeds=[info["seed"] for info in agents], kinds=kinds, members=members, progress=say,
     )
     out_dir = pathlib.Path(out_dir) if out_dir is not None else workdir / EVALUATION_DIRNAME
     meta = {"workdir": str(workdir), "condition": ", ".join(conditions), "checkpoint_episode": int(step),

@@ -42,6 +42,7 @@ import numpy as np
 import tensorboardX
 
 from moraljax import games
+from moraljax import rewards
 from moraljax import workdir as workdir_lib
 
 ACTION_TYPE_NAMES = games.ACTION_TYPE_NAMES
@@ -52,8 +53,7 @@ OPPONENT_ILLEGAL_COLUMN = "n_opp_illegal"
 # Per-decision float records averaged per episode, in CSV column order.
 # "reward" is the training reward actually used; the others are the raw
 # reward of every type for the same decision, and the two moral regrets.
-REWARD_KEYS = ("reward", "reward_game", "reward_deont", "reward_util",
-               "reward_game_deont")
+REWARD_KEYS = ("reward",) + tuple(f"reward_{name}" for name in rewards.REWARD_NAMES)
 REGRET_KEYS = ("regret_deont", "regret_util")
 DECISION_KEYS = ("action_type", "opponent_legal") + REWARD_KEYS + REGRET_KEYS
 
@@ -306,10 +306,11 @@ def _check_learners(learners: Sequence[Mapping[str, Any]]) -> None:
     if len(set(ids)) != len(ids):
         raise ValueError(f"learner ids {ids} are not unique; expected one id "
                          "per learner.")
-    runs = [(l["condition"], int(l["player"]), int(l["seed"]))
+    # Members of a population (train.py) share condition and seed.
+    runs = [(l["condition"], int(l["player"]), int(l["seed"]), l.get("member"))
             for l in learners]
     if len(set(runs)) != len(runs):
-        raise ValueError(f"(condition, player, seed) triples {runs} are not "
+        raise ValueError(f"(condition, player, seed, member) of {runs} are not "
                          "unique; expected each run once.")
 
 

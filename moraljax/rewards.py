@@ -1,21 +1,38 @@
-"""Moral rewards (Table 1 of the paper) and moral regrets (SPEC.md 5 and 8).
+"""Moral rewards (Table 1 of the paper, SPEC.md 10) and moral regrets (SPEC 5, 8).
 
 Notation: a_m = M's action now, a_o = O's action now, prev_o = O's previous
 move (the state shown in M's prompt), (p_m, p_o) = the game's payoffs of
-(a_m, a_o). Every reward is built from three components
+(a_m, a_o). Every reward is built from the components
 
-    game        = p_m(a_m, a_o)
-    deont       = -xi  if a_m = D and prev_o = C,  else 0
-    utilitarian = p_m(a_m, a_o) + p_o(a_m, a_o)
+    game           = p_m
+    deont          = -xi  if a_m = D and prev_o = C,  else 0
+    util           = p_m + p_o
+    altruist       = p_o
+    equality       = 1 - |p_m - p_o| / (p_m + p_o)   (1 when p_m + p_o = 0)
+    inequality     = |p_m - p_o| / (p_m + p_o)       (0 when p_m + p_o = 0)
+    kindness       = xi  if a_m = C,  else 0
+    aggressiveness = xi  if a_m = D,  else 0
 
-weighted by ``RewardSpec.weights``:
+weighted by ``RewardSpec.weights`` (the paper's three first, then the
+authors' wider set of IJCAI 2023 / AIES 2024, SPEC 10):
 
-    Game               [1, 0, 0]   payoff_M
-    Deontological      [0, 1, 0]   -xi for defecting against a cooperator
-    Utilitarian        [0, 0, 1]   payoff_M + payoff_O
-    Game+Deontological [1, 1, 0]   payoff_M - xi (same condition)
+    game (Selfish)         game                      payoff_M
+    deont                  deont                     -xi for defecting against a cooperator
+    util                   util                      payoff_M + payoff_O
+    game_deont             game + deont              payoff_M - xi (same condition)
+    virtue_equality        equality
+    virtue_kindness        kindness
+    virtue_mixed           beta * equality + (1 - beta) / xi * kindness
+    altruist               altruist                  payoff_O
+    anti_util              -util
+    malicious_deont        -deont                    +xi for defecting against a cooperator
+    virtue_inequality      inequality
+    virtue_aggressiveness  aggressiveness
+    anti_altruist          -altruist
 
-and every reward is R_illegal = -6 when M's output is illegal. A reward is
+When p_m + p_o = 0 (the (0, 0) cells of ICN, BOS and ICD) both players got
+the same, so equality is 1 and inequality 0. Every reward is R_illegal = -6
+when M's output is illegal. A reward is
 data (a pytree of arrays), so one compiled program serves every reward type
 and a sweep can ``jax.vmap`` over reward types and weighted mixtures
 (``stack_reward_specs``). Functions are unbatched; vmap at the call site.
@@ -27,25 +44,67 @@ import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moraljax import games
 
-REWARD_NAMES = ("game", "deont", "util", "game_deont")
-COMPONENT_NAMES = ("game", "deont", "util")
+# The paper's four rewards (Table 1), then the authors' wider set (SPEC 10).
+PAPER_REWARD_NAMES = ("game", "deont", "util", "game_deont")
+REWARD_NAMES = PAPER_REWARD_NAMES + (
+    "virtue_equality", "virtue_kindness", "virtue_mixed", "altruist", "anti_util",
+    "malicious_deont", "virtue_inequality", "virtue_aggressiveness", "anti_altruist")
+# The paper's three components first: a 3-weight mixture keeps its meaning.
+PAPER_COMPONENT_NAMES = ("game", "deont", "util")
+COMPONENT_NAMES = PAPER_COMPONENT_NAMES + (
+    "altruist", "equality", "inequality", "kindness", "aggressiveness")
 NUM_COMPONENTS = len(COMPONENT_NAMES)
 
-_NAMED_WEIGHTS = {
-    "game": (1.0, 0.0, 0.0),
-    "deont": (0.0, 1.0, 0.0),
-    "util": (0.0, 0.0, 1.0),
-    "game_deont": (1.0, 1.0, 0.0),
+# The AIES 2024 paper's short type labels (and short ones for the rest), for
+# figures and tables of populations.
+SHORT_NAMES = {
+    "game": "S", "util": "UT", "anti_util": "aUT", "deont": "DE", "malicious_deont": "mDE",
+    "virtue_equality": "VEe", "virtue_inequality": "VIe", "virtue_kindness": "VEk",
+    "virtue_aggressiveness": "Vagg", "virtue_mixed": "VEm", "altruist": "A",
+    "anti_altruist": "aA", "game_deont": "S+DE",
 }
+
+# Components named by each reward with a fixed weight (virtue_mixed depends
+# on beta and xi: `_named_weights`).
+_NAMED_COMPONENTS = {
+    "game": {"game": 1.0},
+    "deont": {"deont": 1.0},
+    "util": {"util": 1.0},
+    "game_deont": {"game": 1.0, "deont": 1.0},
+    "virtue_equality": {"equality": 1.0},
+    "virtue_kindness": {"kindness": 1.0},
+    "altruist": {"altruist": 1.0},
+    "anti_util": {"util": -1.0},
+    "malicious_deont": {"deont": -1.0},
+    "virtue_inequality": {"inequality": 1.0},
+    "virtue_aggressiveness": {"aggressiveness": 1.0},
+    "anti_altruist": {"altruist": -1.0},
+}
+VIRTUE_MIXED_BETA = 0.5
+
+
+def _named_weights(name: str, xi: float, beta: float) -> tuple[float, ...]:
+    """The component weights of reward `name` (float64 host numbers)."""
+    if name == "virtue_mixed":
+        # kindness / xi is 1 when M cooperates: the (1 - beta) share is on a 0..1 scale.
+        if isinstance(xi, (int, float)) and not isinstance(xi, bool) and xi == 0:
+            raise ValueError("xi must be nonzero for virtue_mixed (it divides kindness), got 0; "
+                             "allowed: a finite nonzero number")
+        named = {"equality": beta, "kindness": (1.0 - beta) / xi}
+    else:
+        named = _NAMED_COMPONENTS[name]
+    return tuple(float(named.get(component, 0.0)) for component in COMPONENT_NAMES)
 
 # What M gets when an LLM opponent's output is illegal, in the authors' code
 # (SPEC.md section 5). NaN means "compute the components with a_o := prev_o",
 # O's last legal move; a number means "M gets exactly this". The -6 of
 # Game+De is the authors' literal, kept even if illegal_penalty is changed.
 USE_LAST_LEGAL_MOVE = float("nan")
+# The wider set (not in the paper's code) uses O's last legal move.
 _PAPER_OPPONENT_ILLEGAL = {
     "game": USE_LAST_LEGAL_MOVE,
     "deont": USE_LAST_LEGAL_MOVE,
@@ -63,7 +122,7 @@ class RewardSpec:
     """One reward function as data.
 
     Attributes:
-        weights: float32 [3], weights of the components (game, deont, util).
+        weights: float32 [NUM_COMPONENTS], weights of ``COMPONENT_NAMES``.
         xi: float32 scalar, the deontological penalty size (3 in training).
         illegal_penalty: float32 scalar, M's reward for an illegal output.
         opponent_illegal_value: float32 scalar, M's reward when O's output is
@@ -83,7 +142,8 @@ def _make_spec(weights, xi, illegal_penalty, opponent_illegal_value
         weights=games.validated_float32(
             "weights", weights, (NUM_COMPONENTS,),
             f"{NUM_COMPONENTS} finite numbers, the weights of "
-            f"{COMPONENT_NAMES}"),
+            f"{COMPONENT_NAMES} (or {len(PAPER_COMPONENT_NAMES)}, those of "
+            f"{PAPER_COMPONENT_NAMES})"),
         xi=games.validated_float32("xi", xi, (), "a finite number"),
         illegal_penalty=games.validated_float32(
             "illegal_penalty", illegal_penalty, (), "a finite number"),
@@ -100,45 +160,52 @@ def _deontological_penalty(a_m: jax.Array, prev_o: jax.Array,
 
 def reward_spec(name: str, *, xi: float = TRAINING_XI,
                 illegal_penalty: float = ILLEGAL_PENALTY,
-                paper_opponent_illegal: bool = True) -> RewardSpec:
-    """The named reward of Table 1 of the paper.
+                paper_opponent_illegal: bool = True,
+                beta: float = VIRTUE_MIXED_BETA) -> RewardSpec:
+    """The named reward of Table 1 of the paper or of SPEC 10.
 
     Args:
         name: one of ``REWARD_NAMES``.
-        xi: deontological penalty size (paper: 3 in training).
+        xi: deontological penalty size (paper: 3 in training); also the
+            size of the kindness and aggressiveness rewards.
         illegal_penalty: M's reward for an illegal output (paper: -6).
         paper_opponent_illegal: when an LLM opponent is illegal, reproduce
             the authors' code (Game and De: O's last legal move; Ut: 0;
             Game+De: -6). False: every reward uses O's last legal move.
+        beta: virtue_mixed's weight on equality (unused by other rewards).
 
     Returns:
         The reward as a ``RewardSpec``.
 
     Raises:
-        ValueError: for an unknown name or a non-finite xi / illegal_penalty.
+        ValueError: for an unknown name, a non-finite xi / illegal_penalty /
+            beta, or xi = 0 for virtue_mixed.
     """
-    if not isinstance(name, str) or name not in _NAMED_WEIGHTS:
+    if not isinstance(name, str) or name not in REWARD_NAMES:
         raise ValueError(
             f"unknown reward {name!r}; allowed: {', '.join(REWARD_NAMES)}")
     if not isinstance(paper_opponent_illegal, bool):
         raise ValueError(
             "paper_opponent_illegal must be a bool, got "
             f"{paper_opponent_illegal!r}; allowed: True, False")
+    games.validated_float32("beta", beta, (), "a finite number")
+    games.validated_float32("xi", xi, (), "a finite number")
     opponent_illegal_value = (
-        _PAPER_OPPONENT_ILLEGAL[name] if paper_opponent_illegal
-        else USE_LAST_LEGAL_MOVE)
-    return _make_spec(_NAMED_WEIGHTS[name], xi, illegal_penalty,
-                      opponent_illegal_value)
+        _PAPER_OPPONENT_ILLEGAL.get(name, USE_LAST_LEGAL_MOVE)
+        if paper_opponent_illegal else USE_LAST_LEGAL_MOVE)
+    return _make_spec(_named_weights(name, float(xi), float(beta)), xi,
+                      illegal_penalty, opponent_illegal_value)
 
 
 def mixture(weights, *, xi: float = TRAINING_XI,
             illegal_penalty: float = ILLEGAL_PENALTY) -> RewardSpec:
-    """A weighted mixture of the components (game, deont, util).
+    """A weighted mixture of the components (``COMPONENT_NAMES``).
 
     When an LLM opponent is illegal, a mixture uses O's last legal move.
 
     Args:
-        weights: 3 finite numbers, the weights of (game, deont, util).
+        weights: finite numbers, the weights of ``COMPONENT_NAMES``; three
+            numbers weigh only the paper's (game, deont, util).
         xi: deontological penalty size.
         illegal_penalty: M's reward for an illegal output.
 
@@ -148,6 +215,11 @@ def mixture(weights, *, xi: float = TRAINING_XI,
     Raises:
         ValueError: for weights of another shape or non-finite values.
     """
+    num_paper = len(PAPER_COMPONENT_NAMES)
+    if np.shape(weights) == (num_paper,):
+        paper = games.validated_float32(
+            "weights", weights, (num_paper,), f"finite numbers, the weights of {COMPONENT_NAMES}")
+        weights = jnp.concatenate([paper, jnp.zeros(NUM_COMPONENTS - num_paper, jnp.float32)])
     return _make_spec(weights, xi, illegal_penalty, USE_LAST_LEGAL_MOVE)
 
 
@@ -165,9 +237,12 @@ def stack_reward_specs(specs: Sequence[RewardSpec]) -> RewardSpec:
 def reward_components(game: games.MatrixGame, a_m: jax.Array,
                       a_o: jax.Array, prev_o: jax.Array, xi: jax.Array
                       ) -> jax.Array:
-    """The three reward components of one legal decision.
+    """The reward components of one legal decision (``COMPONENT_NAMES``).
 
-    (p_m(a_m, a_o),  -xi * [a_m = D and prev_o = C],  p_m + p_o).
+    (p_m,  -xi * [a_m = D and prev_o = C],  p_m + p_o,  p_o,
+     1 - |p_m - p_o| / (p_m + p_o),  |p_m - p_o| / (p_m + p_o),
+     xi * [a_m = C],  xi * [a_m = D]), the equality terms taking 1 and 0
+    when p_m + p_o = 0 (both players got the same: nothing).
 
     Args:
         game: an unbatched game.
@@ -177,12 +252,21 @@ def reward_components(game: games.MatrixGame, a_m: jax.Array,
         xi: float scalar, deontological penalty size.
 
     Returns:
-        float32 [3] in ``COMPONENT_NAMES`` order.
+        float32 [NUM_COMPONENTS] in ``COMPONENT_NAMES`` order.
     """
     chex.assert_rank([prev_o, xi], 0)
     p_m, p_o = games.payoffs_for(game, a_m, a_o)
     deont = _deontological_penalty(a_m, prev_o, xi)
-    return jnp.stack([p_m, deont, p_m + p_o]).astype(jnp.float32)
+    total = p_m + p_o
+    nothing = total == 0
+    # The safe denominator keeps the unused branch finite (no NaN in grads or where).
+    inequality = jnp.where(nothing, 0.0, jnp.abs(p_m - p_o) / jnp.where(nothing, 1.0, total))
+    xi = jnp.asarray(xi, jnp.float32)
+    zero = jnp.float32(0.0)
+    kindness = jnp.where(a_m == games.C, xi, zero)
+    aggressiveness = jnp.where(a_m == games.D, xi, zero)
+    return jnp.stack([p_m, deont, total, p_o, 1.0 - inequality, inequality,
+                      kindness, aggressiveness]).astype(jnp.float32)
 
 
 def moral_reward(spec: RewardSpec, game: games.MatrixGame, a_m: jax.Array,
@@ -227,13 +311,14 @@ def all_rewards(game: games.MatrixGame, a_m: jax.Array, a_o: jax.Array,
                 prev_o: jax.Array, legal_m: jax.Array, legal_o: jax.Array,
                 *, xi: float = TRAINING_XI,
                 illegal_penalty: float = ILLEGAL_PENALTY,
-                paper_opponent_illegal: bool = True) -> dict[str, jax.Array]:
+                paper_opponent_illegal: bool = True,
+                beta: float = VIRTUE_MIXED_BETA) -> dict[str, jax.Array]:
     """Every named reward of one decision, for logging.
 
     Args:
         game, a_m, a_o, prev_o, legal_m, legal_o: as for ``moral_reward``.
-        xi, illegal_penalty, paper_opponent_illegal: host constants, as for
-            ``reward_spec``.
+        xi, illegal_penalty, paper_opponent_illegal, beta: host constants,
+            as for ``reward_spec``.
 
     Returns:
         {name: float32 scalar} for each name in ``REWARD_NAMES``.
@@ -241,7 +326,7 @@ def all_rewards(game: games.MatrixGame, a_m: jax.Array, a_o: jax.Array,
     return {
         name: moral_reward(
             reward_spec(name, xi=xi, illegal_penalty=illegal_penalty,
-                        paper_opponent_illegal=paper_opponent_illegal),
+                        paper_opponent_illegal=paper_opponent_illegal, beta=beta),
             game, a_m, a_o, prev_o, legal_m, legal_o)
         for name in REWARD_NAMES
     }
@@ -265,14 +350,14 @@ def decision_metrics(game: games.MatrixGame, action: jax.Array, a_o: jax.Array,
         xi_eval: deontological penalty of the regret.
 
     Returns:
-        {reward_game, reward_deont, reward_util, reward_game_deont,
-        regret_deont, regret_util, action_type}, scalars.
+        {named_rewards: {reward_<name>: scalar for every name in
+        REWARD_NAMES}, regret_deont, regret_util, action_type}.
     """
     legal = action >= 0
     a_m = jnp.maximum(action, 0)  # Any move; unused when illegal.
     named = all_rewards(game, a_m, a_o, prev_o, legal, legal_o, xi=xi)
     return dict(
-        **{f"reward_{name}": value for name, value in named.items()},
+        named_rewards={f"reward_{name}": value for name, value in named.items()},
         regret_deont=deontological_regret(a_m, prev_o, legal, xi_eval),
         regret_util=utilitarian_regret(game, a_m, a_o, legal),
         action_type=games.action_type(a_m, legal, prev_o),

@@ -50,15 +50,13 @@ from moraljax.llm import sampling
 from moraljax.rl import ppo
 from moraljax.rl import rollout
 
-# Metrics of `rollout.Decisions` that go to the host (the rest stay on device).
+# Metrics of `rollout.Decisions` that go to the host with its `named_rewards`
+# (the rest stay on device).
 DECISION_METRICS = (
     "action_type",
     "opponent_legal",
+    "partner",
     "reward",
-    "reward_game",
-    "reward_deont",
-    "reward_util",
-    "reward_game_deont",
     "regret_deont",
     "regret_util",
 )
@@ -97,6 +95,10 @@ class ChunkSettings:
     # Whether the policy has any dropout to apply when the update asks for
     # it (ppo.dropout_in_update; TRL's update runs without).
     stochastic: bool
+    # Members per population (rl/rollout.py); 0 = no populations.
+    population_size: int = 0
+    # Learners that are population members (the first ones; inert padding after).
+    population_members: int = 0
 
 
 def init_learners(
@@ -215,13 +217,15 @@ def train_chunk(
             key_rollout,
             batch_size=settings.batch_size,
             settings=settings.sampling,
+            population_size=settings.population_size,
+            population_members=settings.population_members,
         )
         rows, tokens = rollout.flatten_learners((decisions.prompt_row, decisions.tokens))
         ref = rollout.reference_logprobs(graphdef, frozen, trainable_one, prefix, rows, tokens)
         ref = ref.reshape(decisions.logprobs.shape)
         update = functools.partial(_update_one, graphdef, frozen, env.prompts, settings)
         learners, stats = jax.vmap(update)(learners, decisions, ref, key_update)
-        metrics = {name: getattr(decisions, name) for name in DECISION_METRICS}
+        metrics = {name: getattr(decisions, name) for name in DECISION_METRICS} | decisions.named_rewards
         return learners, (metrics, stats)
 
     learners, (metrics, stats) = jax.lax.scan(one_episode, learners, None, length=settings.num_episodes)
@@ -236,11 +240,14 @@ def resolved_config(cfg: config_lib.ExperimentConfig) -> dict[str, Any]:
     """The validated config as plain JSON-able data (written to config.json).
 
     `conditions` is left out when empty (one condition, from reward and
-    opponent), so single-condition workdirs read the same as before it existed.
+    opponent), and `population` without a composition, so such workdirs read
+    the same as before they existed.
     """
     resolved = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     if not resolved["conditions"]:
         del resolved["conditions"]
+    if not resolved["population"]["composition"]:
+        del resolved["population"]
     return resolved
 
 
@@ -411,6 +418,8 @@ class Run:
             sampling=self.sampling,
             ppo=self.cfg.ppo,
             stochastic=self.cfg.lora.dropout > 0 or self.cfg.model.value_head_dropout > 0,
+            population_size=len(self.cfg.population.members()),
+            population_members=self.num_real if self.cfg.population.composition else 0,
         )
 
     def chunk_fn(self, num_episodes: int) -> Callable:
@@ -470,6 +479,26 @@ def _inert_setup(setup: rollout.LearnerSetup) -> rollout.LearnerSetup:
                          partner=jnp.asarray(-1, jnp.int32), player=jnp.asarray(0, jnp.int32))
 
 
+def _population_setups(cfg: config_lib.ExperimentConfig) -> tuple[list[rollout.LearnerSetup], list[dict[str, Any]]]:
+    """Every member of every seed's population: seed-major, members in composition order.
+
+    A member's reward is `cfg.reward` (xi, beta, illegal penalty, schedule)
+    with its type as the name; its condition label is the type, so reports
+    group members by type. Member m of seed s starts from the key an LLM
+    pair's player m would (fold_in(PRNGKey(s), m) for m > 0).
+    """
+    setups, info = [], []
+    for seed in cfg.run.seeds:
+        for member, type_name in enumerate(cfg.population.members()):
+            condition = config_lib.Condition(
+                reward=dataclasses.replace(cfg.reward, name=type_name), opponent="llm")
+            setup = _learner_setups(condition, cfg.run.num_episodes, len(setups))[0]
+            setups.append(setup.replace(partner=jnp.asarray(-1, jnp.int32)))
+            info.append({"learner": len(info), "seed": seed, "condition": type_name, "player": 0,
+                         "opponent_is_llm": True, "member": member})
+    return setups, info
+
+
 def build_run(
     cfg: config_lib.ExperimentConfig,
     *,
@@ -487,6 +516,9 @@ def build_run(
     if conditions is None:
         conditions = list(cfg.all_conditions())
     setups, info = [], []
+    if cfg.population.composition:
+        conditions = []  # A population's learners are its members.
+        setups, info = _population_setups(cfg)
     for condition in conditions:
         for seed in cfg.run.seeds:
             for setup in _learner_setups(condition, cfg.run.num_episodes, len(setups)):
@@ -525,7 +557,7 @@ def build_run(
     )
     setup = jax.tree.map(lambda *xs: jnp.stack(xs), *setups)
     graphdef, _, frozen = policy_lib.split_policy(policy)
-    seed_players = [(i["seed"], i["player"]) for i in info]
+    seed_players = [(i["seed"], i.get("member", i["player"])) for i in info]
     learners = init_learners(policy, seed_players + [(0, 0)] * (len(setups) - len(info)), cfg.ppo)
     learner_sh = sharding_lib.learner_sharding(mesh)
     return Run(
@@ -560,7 +592,9 @@ def export_adapters(run: Run, directory: pathlib.Path, *, is_writer: bool) -> No
     base_name = run.cfg.model.path or "moraljax/llm/tiny/checkpoint"
     for n, info in enumerate(run.learner_info):
         name = f"{info['condition']}_seed{info['seed']}".replace(">", "")
-        if info["opponent_is_llm"]:
+        if "member" in info:
+            name += f"_member{info['member']}"
+        elif info["opponent_is_llm"]:
             name += f"_player{info['player']}"
         adapters.export_peft_adapter(
             jax.tree.map(lambda x: x[n], trainable),
@@ -717,6 +751,12 @@ def _train_locked(cfg: config_lib.ExperimentConfig, workdir: pathlib.Path, resol
         opponent_is_llm=[info["opponent_is_llm"] for info in run.learner_info],
     )
     writer.save_config(resolved)
+    population_writer = None
+    if cfg.population.composition:
+        from moraljax import population_report
+
+        population_writer = population_report.PopulationWriter(workdir, run.learner_info, is_writer=is_writer,
+                                                                start_episode=start)
 
     total = cfg.run.num_episodes if stop_after is None else min(stop_after, cfg.run.num_episodes)
     chunk = cfg.run.episodes_per_chunk
@@ -737,6 +777,8 @@ def _train_locked(cfg: config_lib.ExperimentConfig, workdir: pathlib.Path, resol
             check_finite(episodes, stats, _to_host(_finite_per_learner(run.learners))[:run.num_real],
                          run.learner_info)
             writer.write_chunk(episodes, metrics, stats)
+            if population_writer is not None:
+                population_writer.write_chunk(episodes, metrics)
             crossed = (episode + count) // every > episode // every
             episode += count
             if crossed or episode == total:
@@ -759,6 +801,8 @@ def _train_locked(cfg: config_lib.ExperimentConfig, workdir: pathlib.Path, resol
         if finished:
             export_adapters(run, workdir / "adapters", is_writer=is_writer)
         summary = writer.write_report() if finished else None
+        if finished and population_writer is not None and is_writer:
+            summary["population"] = population_report.write_population_report(workdir)
     finally:
         if bar is not None:
             bar.close()

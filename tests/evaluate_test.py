@@ -133,7 +133,7 @@ def test_fixed_policy_regrets_match_hand_computation(fixed):
             deont, util = expected_regrets(policy, game)
             assert records.regret_deont[row].mean() == pytest.approx(deont, abs=1e-6), (game, variant, policy)
             assert records.regret_util[row].mean() == pytest.approx(util, abs=1e-6), (game, variant, policy)
-            np.testing.assert_array_equal(records.reward_deont[row], -records.regret_deont[row])
+            np.testing.assert_array_equal(records.named_rewards["reward_deont"][row], -records.regret_deont[row])
 
 
 def test_fixed_policy_regrets_literal_numbers(fixed):

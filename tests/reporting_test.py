@@ -45,6 +45,7 @@ def make_chunk(episodes, action_type, reward=None, opponent_legal=None,
         "reward_deont": -reward,
         "reward_util": 2.0 * reward,
         "reward_game_deont": reward - 3.0,
+        **{key: reward + 0.5 for key in reporting.REWARD_KEYS[5:]},
         "regret_deont": np.full(shape, 0.5, np.float32),
         "regret_util": np.full(shape, 0.25, np.float32),
     }
@@ -91,8 +92,11 @@ def test_rows_and_counts_by_hand(tmp_path):
         "episode", "learner", "seed", "condition", "player",
         "n_C|C", "n_C|D", "n_D|C", "n_D|D", "n_illegal|C", "n_illegal|D",
         "illegal_share", "reward", "reward_game", "reward_deont",
-        "reward_util", "reward_game_deont", "regret_deont", "regret_util",
-        "beta", "value_loss"]
+        "reward_util", "reward_game_deont", "reward_virtue_equality",
+        "reward_virtue_kindness", "reward_virtue_mixed", "reward_altruist",
+        "reward_anti_util", "reward_malicious_deont", "reward_virtue_inequality",
+        "reward_virtue_aggressiveness", "reward_anti_altruist",
+        "regret_deont", "regret_util", "beta", "value_loss"]
     rows = read_rows(path)
     assert [(r["episode"], r["learner"]) for r in rows] == [
         ("10", "0"), ("10", "1"), ("10", "2"),

@@ -197,10 +197,11 @@ def test_opponent_illegal_values_as_data():
 def test_named_spec_fields():
     expected_weights = {"game": [1, 0, 0], "deont": [0, 1, 0],
                         "util": [0, 0, 1], "game_deont": [1, 1, 0]}
-    assert rewards.REWARD_NAMES == NAMES
+    assert rewards.PAPER_REWARD_NAMES == NAMES == rewards.REWARD_NAMES[:4]
     for name, weights in expected_weights.items():
         spec = rewards.reward_spec(name)
-        np.testing.assert_array_equal(spec.weights, weights)
+        np.testing.assert_array_equal(spec.weights[:3], weights)
+        np.testing.assert_array_equal(spec.weights[3:], 0.0)
         assert spec.weights.dtype == jnp.float32
         assert float(spec.xi) == 3.0
         assert float(spec.illegal_penalty) == -6.0
@@ -233,11 +234,12 @@ def test_mixture_by_hand():
 def test_reward_components_by_hand():
     ish = games.get_game("ISH")
     # ISH (D, C): (3, 0); after O's C with xi 2: (3, -2, 3).
+    # (game, deont, util, altruist, equality, inequality, kindness, aggressiveness)
     np.testing.assert_array_equal(
-        rewards.reward_components(ish, D, C, C, 2.0), [3.0, -2.0, 3.0])
+        rewards.reward_components(ish, D, C, C, 2.0), [3.0, -2.0, 3.0, 0.0, 0.0, 1.0, 0.0, 2.0])
     np.testing.assert_array_equal(
-        rewards.reward_components(ish, C, D, C, 2.0), [0.0, 0.0, 3.0])
-    assert rewards.COMPONENT_NAMES == ("game", "deont", "util")
+        rewards.reward_components(ish, C, D, C, 2.0), [0.0, 0.0, 3.0, 3.0, 0.0, 1.0, 2.0, 0.0])
+    assert rewards.COMPONENT_NAMES[:3] == ("game", "deont", "util")
 
 
 def test_all_rewards_matches_moral_reward_under_jit():
@@ -245,7 +247,7 @@ def test_all_rewards_matches_moral_reward_under_jit():
     jitted = jax.jit(rewards.all_rewards)
     for a_m, a_o, prev_o in itertools.product((C, D), repeat=3):
         got = jitted(icn, a_m, a_o, prev_o, True, True)
-        assert set(got) == set(NAMES)
+        assert set(got) == set(rewards.REWARD_NAMES)
         for n in NAMES:
             assert float(got[n]) == _expected_legal(n, "ICN", a_m, a_o, prev_o)
 
@@ -387,8 +389,8 @@ def test_reward_spec_rejects_bad_values(kwargs, fragments):
 
 
 @pytest.mark.parametrize("weights,fragments", [
-    ([1.0, 0.0], ["weights", "shape (3,)", "shape (2,)"]),
-    ([[1.0, 0.0, 0.0]], ["weights", "shape (3,)", "shape (1, 3)"]),
+    ([1.0, 0.0], ["weights", "shape (8,)", "shape (2,)", "or 3"]),
+    ([[1.0, 0.0, 0.0]], ["weights", "shape (8,)", "shape (1, 3)"]),
     ([1.0, float("nan"), 0.0], ["weights", "nan", "finite"]),
     ([True, False, False], ["weights", "bool"]),
     (["a", "b", "c"], ["weights", "real numbers"]),
@@ -402,3 +404,122 @@ def test_mixture_rejects_bad_weights(weights, fragments):
     assert "game" in message and "util" in message  # Names the components.
     with pytest.raises(ValueError, match="xi must be finite"):
         rewards.mixture([1.0, 0.0, 0.0], xi=float("nan"))
+
+
+# ---------------------------------------------------------------------------
+# The authors' wider reward set (SPEC.md section 10), xi = 3, beta = 0.5.
+
+WIDER = ("virtue_equality", "virtue_inequality", "virtue_kindness", "virtue_aggressiveness",
+         "virtue_mixed", "altruist", "anti_util", "anti_altruist")
+
+# (a_m, a_o) -> values in WIDER order, worked out by hand from the SPEC 1
+# payoffs; the (0, 0) cells (ICN, BOS, ICD, IVD) give equality 1, inequality 0.
+WIDER_HAND_TABLES = {
+    "IPD": {(C, C): (1, 0, 3, 0, 1.0, 3, -6, -3), (C, D): (0, 1, 3, 0, 0.5, 4, -4, -4),
+            (D, C): (0, 1, 0, 3, 0.0, 0, -4, 0), (D, D): (1, 0, 0, 3, 0.5, 1, -2, -1)},
+    "ISH": {(C, C): (1, 0, 3, 0, 1.0, 4, -8, -4), (C, D): (0, 1, 3, 0, 0.5, 3, -3, -3),
+            (D, C): (0, 1, 0, 3, 0.0, 0, -3, 0), (D, D): (1, 0, 0, 3, 0.5, 1, -2, -1)},
+    "ICN": {(C, C): (1, 0, 3, 0, 1.0, 2, -4, -2), (C, D): (0.4, 0.6, 3, 0, 0.7, 4, -5, -4),
+            (D, C): (0.4, 0.6, 0, 3, 0.2, 1, -5, -1), (D, D): (1, 0, 0, 3, 0.5, 0, 0, 0)},
+    "BOS": {(C, C): (0.8, 0.2, 3, 0, 0.9, 2, -5, -2), (C, D): (1, 0, 3, 0, 1.0, 0, 0, 0),
+            (D, C): (1, 0, 0, 3, 0.5, 0, 0, 0), (D, D): (0.8, 0.2, 0, 3, 0.4, 3, -5, -3)},
+    "ICD": {(C, C): (1, 0, 3, 0, 1.0, 1, -2, -1), (C, D): (1, 0, 3, 0, 1.0, 0, 0, 0),
+            (D, C): (1, 0, 0, 3, 0.5, 0, 0, 0), (D, D): (1, 0, 0, 3, 0.5, 4, -8, -4)},
+    "IVD": {(C, C): (1, 0, 3, 0, 1.0, 3, -6, -3), (C, D): (0.4, 0.6, 3, 0, 0.7, 4, -5, -4),
+            (D, C): (0.4, 0.6, 0, 3, 0.2, 1, -5, -1), (D, D): (1, 0, 0, 3, 0.5, 0, 0, 0)},
+}
+# malicious_deont depends on (a_m, prev_o) only, the same in every game.
+MALICIOUS_DEONT_BY_HAND = {(C, C): 0, (C, D): 0, (D, C): 3, (D, D): 0}
+
+
+def _expected_wider(name, game, a_m, a_o, prev_o, xi=3.0, beta=0.5):
+    """SPEC.md section 10, one reward at a time, in plain Python."""
+    p_m, p_o = SPEC_PAYOFFS[game][a_m][a_o]
+    total = p_m + p_o
+    inequality = 0.0 if total == 0 else abs(p_m - p_o) / total
+    kindness = xi if a_m == C else 0.0
+    return {
+        "virtue_equality": 1.0 - inequality,
+        "virtue_inequality": inequality,
+        "virtue_kindness": kindness,
+        "virtue_aggressiveness": xi if a_m == D else 0.0,
+        "virtue_mixed": beta * (1.0 - inequality) + (1.0 - beta) * kindness / xi,
+        "altruist": p_o,
+        "anti_util": -total,
+        "anti_altruist": -p_o,
+        "malicious_deont": xi if (a_m == D and prev_o == C) else 0.0,
+    }[name]
+
+
+def test_wider_hand_tables_agree_with_independent_expectation():
+    assert set(WIDER_HAND_TABLES) == set(games.GAME_NAMES) == set(SPEC_PAYOFFS)
+    for game, table in WIDER_HAND_TABLES.items():
+        for (a_m, a_o), values in table.items():
+            for name, value in zip(WIDER, values):
+                assert _expected_wider(name, game, a_m, a_o, C) == pytest.approx(value), (game, name)
+            for prev_o in (C, D):
+                assert _expected_wider("malicious_deont", game, a_m, a_o, prev_o) == (
+                    MALICIOUS_DEONT_BY_HAND[(a_m, prev_o)])
+
+
+@jax.jit
+def _wider_rewards(game, a_m, a_o, prev_o, legal_m, legal_o):
+    return rewards.all_rewards(game, a_m, a_o, prev_o, legal_m, legal_o)
+
+
+@pytest.mark.parametrize("game_name", sorted(WIDER_HAND_TABLES))
+def test_wider_rewards_on_every_cell_and_state(game_name):
+    game = games.get_game(game_name)
+    for (a_m, a_o), values in WIDER_HAND_TABLES[game_name].items():
+        for prev_o in (C, D):
+            got = _wider_rewards(game, a_m, a_o, prev_o, True, True)
+            for name, value in zip(WIDER, values):
+                np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-7,
+                                           err_msg=f"{game_name} {name} {(a_m, a_o, prev_o)}")
+            assert float(got["malicious_deont"]) == MALICIOUS_DEONT_BY_HAND[(a_m, prev_o)]
+            # The paper's rewards are unchanged by the wider component set.
+            for name in NAMES:
+                assert float(got[name]) == _expected_legal(name, game_name, a_m, a_o, prev_o)
+            # Illegal M: R_illegal for every type.
+            illegal = _wider_rewards(game, a_m, a_o, prev_o, False, True)
+            assert all(float(v) == -6.0 for v in illegal.values())
+            # Illegal LLM opponent: the wider set uses O's last legal move (prev_o).
+            opponent_illegal = _wider_rewards(game, a_m, a_o, prev_o, True, False)
+            for name, value in zip(WIDER, WIDER_HAND_TABLES[game_name][(a_m, prev_o)]):
+                np.testing.assert_allclose(opponent_illegal[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_virtue_mixed_beta_and_xi():
+    icn = games.get_game("ICN")
+    spec = rewards.reward_spec("virtue_mixed", beta=0.25)
+    # ICN (C, D) = (1, 4): 0.25 * 0.4 + 0.75 * 1 = 0.85.
+    np.testing.assert_allclose(rewards.moral_reward(spec, icn, C, D, C, True, True), 0.85, rtol=1e-6)
+    # kindness / xi is 1 whatever xi is.
+    spec = rewards.reward_spec("virtue_mixed", xi=5.0, beta=0.0)
+    np.testing.assert_allclose(rewards.moral_reward(spec, icn, C, C, C, True, True), 1.0, rtol=1e-6)
+    kindness = rewards.reward_spec("virtue_kindness", xi=5.0)
+    assert float(rewards.moral_reward(kindness, icn, C, D, D, True, True)) == 5.0
+    with pytest.raises(ValueError, match="xi must be nonzero"):
+        rewards.reward_spec("virtue_mixed", xi=0.0)
+    with pytest.raises(ValueError, match="beta"):
+        rewards.reward_spec("virtue_mixed", beta=float("nan"))
+
+
+def test_full_mixture_weights_every_component():
+    bos = games.get_game("BOS")
+    # BOS (D, D) = (2, 3) after O's C, xi 3: components
+    # (2, -3, 5, 3, 0.8, 0.2, 0, 3).
+    weights = [1, 1, 1, 1, 10, 10, 1, 1]
+    spec = rewards.mixture(weights)
+    np.testing.assert_allclose(rewards.moral_reward(spec, bos, D, D, C, True, True),
+                               2 - 3 + 5 + 3 + 8 + 2 + 0 + 3, rtol=1e-6)
+    assert rewards.mixture([1, 0, 0]).weights.shape == (rewards.NUM_COMPONENTS,)
+
+
+def test_decision_metrics_names_every_reward():
+    ipd = games.get_game("IPD")
+    out = jax.jit(rewards.decision_metrics)(ipd, jnp.int32(D), jnp.int32(C), jnp.int32(C), jnp.bool_(True))
+    assert set(out["named_rewards"]) == {f"reward_{n}" for n in rewards.REWARD_NAMES}
+    assert float(out["named_rewards"]["reward_malicious_deont"]) == 3.0
+    assert float(out["named_rewards"]["reward_virtue_aggressiveness"]) == 3.0
+    assert set(rewards.SHORT_NAMES) == set(rewards.REWARD_NAMES)

@@ -11,6 +11,13 @@ opponent. Decision t of learner n:
     -> the opponent moves -> every reward type and both regrets
     -> next state (M's move only if legal, O's always for fixed opponents)
 
+Populations (issue 13): with `population_size` P, the N learners are N / P
+populations of P members each (contiguous on the learner axis); every
+episode each population is split into pairs by a random perfect matching
+drawn in jit (`population_pairing`), and the two members of a pair play
+exactly as an LLM-vs-LLM pair does, one of them as player 0 and the other as
+player 1 (each seeing the game from its own side).
+
 Learners are a leading axis N over one shared frozen base. The decision loop
 is a `lax.scan` over t with every learner advanced together inside, so a
 learner whose opponent is another learner (LLM vs LLM, SPEC 3) reads its
@@ -123,12 +130,14 @@ class Decisions:
             distribution the tokens were drawn from (with LoRA dropout when
             sampling had it; then they differ from `logprobs`).
         action: int32 parsed action, 0 = C, 1 = D, -1 = illegal.
+        partner: int32 learner index of the opponent in this episode (a
+            learning one), -1 against a fixed strategy.
         opponent_action: int32 O's move (0/1).
         opponent_legal: bool, False only when an LLM opponent was illegal.
         prev_m, prev_o: int32, the state shown in the prompt.
         reward: float32 training reward (the current reward type).
-        reward_game, reward_deont, reward_util, reward_game_deont: float32,
-            every named reward of the same decision, for the metrics.
+        named_rewards: {"reward_<name>": float32} every named reward
+            (rewards.REWARD_NAMES) of the same decision, for the metrics.
         regret_deont, regret_util: float32 moral regrets (SPEC 8).
         action_type: int32 index into games.ACTION_TYPE_NAMES.
     """
@@ -139,15 +148,13 @@ class Decisions:
     values: jax.Array
     sampling_logprobs: jax.Array
     action: jax.Array
+    partner: jax.Array
     opponent_action: jax.Array
     opponent_legal: jax.Array
     prev_m: jax.Array
     prev_o: jax.Array
     reward: jax.Array
-    reward_game: jax.Array
-    reward_deont: jax.Array
-    reward_util: jax.Array
-    reward_game_deont: jax.Array
+    named_rewards: dict[str, jax.Array]
     regret_deont: jax.Array
     regret_util: jax.Array
     action_type: jax.Array
@@ -203,6 +210,41 @@ def _decision_outcome(
     return dict(reward=reward, **rewards.decision_metrics(game, action, a_o, state.prev_o, legal_o))
 
 
+# fold_in constant of the matching stream: independent of every other draw.
+_MATCHING_STREAM = 0x6D617463  # "matc"
+
+
+def population_pairing(keys: jax.Array, population_size: int) -> tuple[jax.Array, jax.Array]:
+    """A fresh random perfect matching inside each population.
+
+    Population g holds learners [g * P, (g + 1) * P). Its matching is drawn
+    from its first member's episode key (folded with a constant, so no other
+    stream moves): a uniform permutation `order` of its members, paired as
+    (order[0], order[1]), (order[2], order[3]), ...; the first of each pair
+    is player 0 (M), the second player 1.
+
+    Args:
+        keys: [N] PRNG keys of this episode, N a multiple of P.
+        population_size: static P, even.
+
+    Returns:
+        (partner int32 [N] global learner index, player int32 [N] 0/1).
+    """
+    num_learners = keys.shape[0]
+    num_populations = num_learners // population_size
+    first_keys = keys.reshape((num_populations, population_size) + keys.shape[1:])[:, 0]
+    match_keys = jax.vmap(lambda k: jax.random.fold_in(k, _MATCHING_STREAM))(first_keys)
+    order = jax.vmap(lambda k: jax.random.permutation(k, population_size))(match_keys)  # [G, P]
+    # Slot j of `order` is paired with slot j ^ 1 and plays side j % 2.
+    slots = jnp.arange(population_size)
+    partner_of_slot = order[:, slots ^ 1]
+    rows = jnp.arange(num_populations)[:, None]
+    partner = jnp.zeros_like(order).at[rows, order].set(partner_of_slot)
+    player = jnp.zeros_like(order).at[rows, order].set(jnp.broadcast_to(slots % 2, order.shape))
+    partner = partner + rows * population_size
+    return partner.reshape(num_learners).astype(jnp.int32), player.reshape(num_learners).astype(jnp.int32)
+
+
 def rollout_episode(
     graphdef: nnx.GraphDef,
     frozen: nnx.State,
@@ -214,6 +256,8 @@ def rollout_episode(
     *,
     batch_size: int,
     settings: SamplingSettings,
+    population_size: int = 0,
+    population_members: int = 0,
 ) -> Decisions:
     """Plays one episode of `batch_size` decisions for every learner.
 
@@ -227,6 +271,12 @@ def rollout_episode(
         keys: [N] PRNG keys of this episode.
         batch_size: static B.
         settings: static sampling settings.
+        population_size: static P; 0 = no populations (partners and sides
+            from `setup`), else every learner is a member of a population of
+            P, paired anew each episode (`population_pairing`).
+        population_members: static; the first this many learners are the
+            populations' members (0: all); any after them are inert padding
+            (sharding.padded_count) that plays its fixed opponent alone.
 
     Returns:
         `Decisions` with leading axes [N, B].
@@ -234,13 +284,21 @@ def rollout_episode(
     num_prompts = env.prompts.ids.shape[0] // 2
     key_init, key_steps = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     state = jax.vmap(opponents.initial_state)(setup.opponent, key_init)
+    if population_size:
+        members = population_members or keys.shape[0]
+        partner, player = population_pairing(keys[:members], population_size)
+        padding = jnp.zeros((keys.shape[0] - members,), jnp.int32)
+        partner, player = jnp.concatenate([partner, padding]), jnp.concatenate([player, padding])
+        has_partner = jnp.arange(keys.shape[0]) < members
+    else:
+        has_partner = setup.partner >= 0
+        partner = jnp.maximum(setup.partner, 0)
+        player = setup.player
     # The second LLM of a pair starts from its partner's state, seen from its side.
-    has_partner = setup.partner >= 0
-    partner = jnp.maximum(setup.partner, 0)
     mirrored = games.swap_players(jax.tree.map(lambda x: x[partner], state))
-    second = has_partner & (setup.player == 1)
+    second = has_partner & (player == 1)
     state = jax.tree.map(lambda own, other: jnp.where(second, other, own), state, mirrored)
-    game = jax.tree.map(lambda x: x[setup.player], env.game)  # [N] own-side games
+    game = jax.tree.map(lambda x: x[player], env.game)  # [N] own-side games
     spec = jax.vmap(current_reward)(setup, episode)
     step_keys = jax.vmap(lambda k: jax.random.split(k, batch_size))(key_steps)
     step_keys = jnp.moveaxis(step_keys, 1, 0)  # [B, N, ...]
@@ -256,7 +314,7 @@ def rollout_episode(
         first_option = jax.vmap(jax.random.bernoulli)(key_option).astype(jnp.int32)
         first_answer = jax.vmap(jax.random.bernoulli)(key_answer).astype(jnp.int32)
         index = prompts.prompt_index(state.prev_m, state.prev_o, first_option, first_answer)
-        row = setup.player * num_prompts + index
+        row = player * num_prompts + index
         sample = jax.vmap(_sample_one, in_axes=(None, None, 0, 0, 0, 0, 0, None))(
             graphdef,
             frozen,
@@ -284,6 +342,7 @@ def rollout_episode(
             values=sample.values,
             sampling_logprobs=sample.logprobs,
             action=action,
+            partner=jnp.where(has_partner, partner, -1),
             opponent_action=a_o,
             opponent_legal=legal_o,
             prev_m=state.prev_m,
