@@ -233,6 +233,10 @@ class ModelSettings:
         value_head_dropout: dropout on the value head input (TRL's
             ValueHead default 0.1). As in TRL 0.9.x it acts only in an update
             forward with ppo.dropout_in_update=True (docs/PPO_SEMANTICS.md).
+        remat: how each decoder layer is rematerialised in the update's
+            backward pass: none, dots (keep matmul outputs), full (keep the
+            layer input only), or auto (none for models of <= 4 layers, such
+            as the built-in one; dots for deeper ones). See README "Real scale".
     """
 
     path: str = ""
@@ -242,9 +246,11 @@ class ModelSettings:
     top_p: float = 1.0
     gen_len: int = 0
     value_head_dropout: float = 0.1
+    remat: str = "auto"
 
     def __post_init__(self):
         check_choice("model.param_dtype", self.param_dtype, PARAM_DTYPES)
+        check_choice("model.remat", self.remat, ("auto", "none", "dots", "full"))
         check_finite("model.temperature", self.temperature)
         if self.temperature <= 0:
             fail("model.temperature", self.temperature, "a number > 0")

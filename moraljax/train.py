@@ -556,6 +556,7 @@ def build_run(
         matcher=prompts.build_action_matcher(tokenizer, actions, gen_len),
     )
     setup = jax.tree.map(lambda *xs: jnp.stack(xs), *setups)
+    policy.model.remat = decoder.remat_for(cfg.model.remat, policy.config.num_hidden_layers)
     graphdef, _, frozen = policy_lib.split_policy(policy)
     seed_players = [(i["seed"], i.get("member", i["player"])) for i in info]
     learners = init_learners(policy, seed_players + [(0, 0)] * (len(setups) - len(info)), cfg.ppo)

@@ -50,6 +50,8 @@ Axis legend:
   R LoRA rank.
 """
 
+import functools
+
 import chex
 import flax.struct
 import jax
@@ -64,6 +66,32 @@ from moraljax.llm import lora as lora_lib
 DecoderConfig = decoder_config.DecoderConfig
 # Models with at most this many layers run their layer loop unrolled.
 _MAX_UNROLLED_LAYERS = 4
+
+# Rematerialisation of each decoder layer in the backward pass (``Decoder.remat``):
+#   none  keep every activation the backward pass reads (fastest, most memory);
+#   dots  keep the outputs of the layer's weight matmuls, recompute the rest
+#         (norms, activations, attention softmax): little extra work;
+#   full  keep only the layer's input, recompute the whole layer (one more
+#         forward pass of the layers in the update).
+REMAT_POLICIES = ("none", "dots", "full")
+
+
+def remat_for(policy: str, num_layers: int) -> str:
+    """'auto' -> 'none' for shallow (unrolled) models, 'dots' for deep ones; others pass through."""
+    if policy == "auto":
+        return "none" if num_layers <= _MAX_UNROLLED_LAYERS else "dots"
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat={policy!r} is not allowed; expected auto or one of {', '.join(REMAT_POLICIES)}.")
+    return policy
+
+
+def _rematerialised(step, policy: str):
+    """`step` wrapped for the backward pass by a ``REMAT_POLICIES`` name."""
+    if policy == "none":
+        return step
+    saveable = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots"
+                else jax.checkpoint_policies.nothing_saveable)
+    return jax.checkpoint(step, policy=saveable)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -178,7 +206,12 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Returns the normed ``x`` in float32."""
-        return rms_norm(x, self.scale[...], self.eps, self.offset)
+        if x.dtype == jnp.float32:
+            return rms_norm(x, self.scale[...], self.eps, self.offset)
+        # In bfloat16 the norm's float32 intermediates would be what the
+        # backward pass keeps (twice the bytes of the input); recomputing them
+        # from the bfloat16 input keeps only that (same values).
+        return jax.checkpoint(rms_norm, static_argnums=(2, 3))(x, self.scale[...], self.eps, self.offset)
 
 
 class Attention(nnx.Module):
@@ -265,6 +298,13 @@ class Attention(nnx.Module):
         return self.o_proj(out, **lora_kwargs)
 
 
+def _activation_rounded(name: str, gate: jax.Array) -> jax.Array:
+    """act(gate) evaluated in float32 and rounded once to gate's dtype."""
+    gate32 = gate.astype(jnp.float32)
+    activated = jax.nn.silu(gate32) if name == "silu" else jax.nn.gelu(gate32, approximate=True)
+    return activated.astype(gate.dtype)
+
+
 class MLP(nnx.Module):
     """Gated feed-forward: W_down(act(W_gate x) * W_up x), act = gelu_tanh or silu."""
 
@@ -298,11 +338,10 @@ class MLP(nnx.Module):
         # does for bfloat16 tensors (in float32 this is a no-op). Evaluated in
         # bfloat16 op by op, XLA:CPU rounds after each of its ~10 steps,
         # which is slower and less accurate.
-        if self.activation == "silu":
-            activated = jax.nn.silu(gate.astype(jnp.float32))
-        else:
-            activated = jax.nn.gelu(gate.astype(jnp.float32), approximate=True)
-        gate = activated.astype(gate.dtype)
+        # In bfloat16 its float32 intermediates are recomputed in the backward
+        # pass instead of saved: only the bfloat16 gate is kept.
+        activate = functools.partial(_activation_rounded, self.activation)
+        gate = activate(gate) if gate.dtype == jnp.float32 else jax.checkpoint(activate)(gate)
         return self.down_proj(gate * self.up_proj(x, **kwargs), **kwargs)
 
 
@@ -445,6 +484,9 @@ class Decoder(nnx.Module):
         if param_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"param_dtype={str(param_dtype)!r} is not allowed; expected float32 or bfloat16.")
         self.config = config
+        # Static: how each layer is rematerialised (REMAT_POLICIES); set by the
+        # caller that trains (train.build_run), "none" otherwise.
+        self.remat = "none"
         self.embed_tokens = Embedder(config.vocab_size, config.hidden_size, param_dtype=param_dtype)
         self.layers = DecoderLayers(config, lora=lora, param_dtype=param_dtype)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, offset=config.norm_offset,
@@ -595,8 +637,13 @@ class Decoder(nnx.Module):
             x = layer.finish(x, normed, rotary, keys, values, allowed, **lora_kwargs)
             return x, cache_keys, cache_values
 
-        def layer_step(carry, layer_xs):
-            return run_layer(carry, layer_xs, None), None
+        full_layer = _rematerialised(lambda carry, layer_xs: run_layer(carry, layer_xs, None), self.remat)
+
+        def layer_step(carry, index):
+            # The layer's slice is read inside the loop: slicing the stacked
+            # weights outside it (xs[:L-1]) would copy all of them per call.
+            layer_xs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), xs)
+            return full_layer(carry, layer_xs), None
 
         num_layers = config.num_hidden_layers
         trim_last = num_outputs is not None and num_outputs < length
@@ -607,11 +654,12 @@ class Decoder(nnx.Module):
         # the scan (one layer compiled once).
         if num_layers <= _MAX_UNROLLED_LAYERS:
             for index in range(scanned):
-                carry = run_layer(carry, jax.tree.map(lambda a, i=index: a[i], xs), None)
+                carry = full_layer(carry, jax.tree.map(lambda a, i=index: a[i], xs))
         elif scanned:
-            carry, _ = jax.lax.scan(layer_step, carry, jax.tree.map(lambda a: a[:scanned], xs))
+            carry, _ = jax.lax.scan(layer_step, carry, jnp.arange(scanned))
         if trim_last:
-            carry = run_layer(carry, jax.tree.map(lambda a: a[num_layers - 1], xs), num_outputs)
+            last_layer = _rematerialised(lambda carry, layer_xs: run_layer(carry, layer_xs, num_outputs), self.remat)
+            carry = last_layer(carry, jax.tree.map(lambda a: a[num_layers - 1], xs))
         return carry
 
     def logits(self, hidden: jax.Array) -> jax.Array:

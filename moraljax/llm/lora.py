@@ -343,11 +343,20 @@ class LoRALinear(nnx.Module):
         y = y.astype(x.dtype)
         if not (self.adapted and lora_enabled):
             return y.reshape(*lead, kernel.shape[-1])
-        # The adapter runs in float32 whatever the base dtype (PEFT casts the
-        # input to the factors' dtype); the sum is cast back like PEFT's result.
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, self.target_id)
-        x_lora = dropout(x.astype(jnp.float32), self.dropout_rate, key, suffix_of=suffix_of).reshape(x2.shape)
-        delta = (x_lora @ self.lora_a[...]) @ self.lora_b[...]
+        if x.dtype == jnp.float32:
+            x_lora = dropout(x, self.dropout_rate, key, suffix_of=suffix_of).reshape(x2.shape)
+            delta = (x_lora @ self.lora_a[...]) @ self.lora_b[...]
+        else:
+            # A bfloat16 base: the adapter's input stays bfloat16 and A is
+            # rounded to it for the first matmul, accumulated in float32 (the
+            # float32 factors get float32 gradients). What the backward pass
+            # keeps of each of the seven adapted inputs is then bfloat16, half
+            # of PEFT's float32 upcast, at bfloat16 input precision (as the
+            # base matmul it sits beside).
+            x_lora = dropout(x, self.dropout_rate, key, suffix_of=suffix_of).reshape(x2.shape)
+            down = jnp.matmul(x_lora, self.lora_a[...].astype(x.dtype), preferred_element_type=jnp.float32)
+            delta = down @ self.lora_b[...]
         out = (y.astype(jnp.float32) + self.scale * delta).astype(y.dtype)
         return out.reshape(*lead, kernel.shape[-1])
 
