@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:  # Run as a script from a source checkout.
 
 from moraljax import config_lib  # noqa: E402
 from moraljax import reporting  # noqa: E402
+from moraljax import validation  # noqa: E402
 from moraljax import workdir as workdir_lib  # noqa: E402
 
 PLAN_FILENAME = "sweep.json"
@@ -172,7 +173,7 @@ def plan_sweep(
     """
     if not configs:
         raise ValueError("configs=[] is not allowed; expected at least one --config.")
-    config_lib.check_positive_int("learners_per_program", learners_per_program)
+    validation.check_positive_int("learners_per_program", learners_per_program)
     if seeds is not None:
         seeds = tuple(seeds)
         config_lib.RunSettings(seeds=seeds)  # Validates them like run.seeds.
@@ -268,7 +269,7 @@ def run_parts(
     Raises:
         RuntimeError: naming every part that failed, with its log's tail.
     """
-    config_lib.check_positive_int("jobs", jobs)
+    validation.check_positive_int("jobs", jobs)
     pending = [p for p in parts if not is_finished(workdir, p)]
     for part in parts:
         if part not in pending:

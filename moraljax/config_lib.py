@@ -11,7 +11,6 @@ ConfigDict itself.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,50 +20,7 @@ from moraljax import games
 from moraljax import opponents
 from moraljax import prompts
 from moraljax import rewards
-
-
-def fail(field: str, value: Any, allowed: str) -> None:
-    """Raises the project's error for a bad setting: the field, its value, what is allowed."""
-    raise ValueError(f"{field}={value!r} is not allowed; expected {allowed}.")
-
-
-def check_finite(field: str, value: float) -> None:
-    """Refuses NaN/inf and non-numbers for `field`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        fail(field, value, "a finite number")
-    if not math.isfinite(value):
-        fail(field, value, "a finite number")
-
-
-def check_int(field: str, value: Any, minimum: int) -> None:
-    """Refuses non-integers (bools included) and integers below `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        fail(field, value, f"an integer >= {minimum}")
-
-
-def check_positive_int(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        fail(field, value, "a positive integer")
-
-
-def check_action_pair(field: str, value: Any) -> tuple[str, str]:
-    """Two action strings (C's first) as a tuple, or a clear error.
-
-    The prompt renderer refuses blanks around an action string too; checking
-    here refuses them before any model is loaded.
-    """
-    if isinstance(value, str) or not isinstance(value, (tuple, list)) or len(value) != 2:
-        fail(field, value, "two action strings, C's first")
-    pair = tuple(value)
-    if not all(isinstance(a, str) and a and a == a.strip() for a in pair) or pair[0] == pair[1]:
-        fail(field, value, "two different non-empty strings without surrounding blanks")
-    return pair
-
-
-def check_choice(field: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        fail(field, value, "one of " + ", ".join(repr(a) for a in allowed))
-
+from moraljax import validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +30,7 @@ class GameSettings:
     name: str = "IPD"
 
     def __post_init__(self):
-        check_choice("game", self.name, games.GAME_NAMES)
+        validation.check_choice("game", self.name, games.GAME_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +40,7 @@ class OpponentSettings:
     name: str = "tft"
 
     def __post_init__(self):
-        check_choice("opponent", self.name, opponents.OPPONENT_NAMES)
+        validation.check_choice("opponent", self.name, opponents.OPPONENT_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +65,12 @@ class RewardSettings:
     paper_opponent_illegal: bool = True
 
     def __post_init__(self):
-        check_choice("reward.name", self.name, rewards.REWARD_NAMES)
+        validation.check_choice("reward.name", self.name, rewards.REWARD_NAMES)
         if self.switch_to:
-            check_choice("reward.switch_to", self.switch_to, rewards.REWARD_NAMES)
-            check_positive_int("reward.switch_episode", self.switch_episode)
-        check_finite("reward.xi", self.xi)
-        check_finite("reward.illegal_penalty", self.illegal_penalty)
+            validation.check_choice("reward.switch_to", self.switch_to, rewards.REWARD_NAMES)
+            validation.check_positive_int("reward.switch_episode", self.switch_episode)
+        validation.check_finite("reward.xi", self.xi)
+        validation.check_finite("reward.illegal_penalty", self.illegal_penalty)
 
     def specs(self) -> tuple[rewards.RewardSpec, rewards.RewardSpec]:
         """The reward before and after the switch (the same when no switch)."""
@@ -136,7 +92,7 @@ class Condition:
     opponent: str
 
     def __post_init__(self):
-        check_choice("opponent", self.opponent, opponents.OPPONENT_NAMES)
+        validation.check_choice("opponent", self.opponent, opponents.OPPONENT_NAMES)
 
     @property
     def players(self) -> int:
@@ -159,24 +115,8 @@ class PromptSettings:
     table_order: str = "original"
 
     def __post_init__(self):
-        object.__setattr__(self, "actions", check_action_pair("prompt.actions", self.actions))
-        check_choice("prompt.table_order", self.table_order, prompts.TABLE_ORDERS)
-
-
-def settings_from_dict(cls, values: Any, prefix: str):
-    """Builds dataclass `cls` from a mapping, refusing unknown keys."""
-    values = dict(values)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(
-                f"unknown field(s) {', '.join(prefix + k for k in unknown)}; allowed:"
-                f" {', '.join(prefix + n for n in sorted(names))}."
-        )
-    for key, value in values.items():
-        if isinstance(value, list):
-            values[key] = tuple(value)
-    return cls(**values)
+        object.__setattr__(self, "actions", validation.check_action_pair("prompt.actions", self.actions))
+        validation.check_choice("prompt.table_order", self.table_order, prompts.TABLE_ORDERS)
 
 
 def to_plain(config: ml_collections.ConfigDict | dict) -> dict:
@@ -190,6 +130,24 @@ def to_plain(config: ml_collections.ConfigDict | dict) -> dict:
 
 
 PARAM_DTYPES = ("float32", "bfloat16")
+
+
+def check_sampling(prefix: str, temperature: Any, top_k: Any, top_p: Any) -> None:
+    """Refuses sampling settings the sampler cannot use (training and evaluation alike).
+
+    Args:
+        prefix: written before the field names, e.g. "model.".
+        temperature: must be a finite number > 0.
+        top_k: an integer >= 0 (0 = off).
+        top_p: a number in (0, 1] (1 = off).
+    """
+    validation.check_finite(prefix + "temperature", temperature)
+    if temperature <= 0:
+        validation.fail(prefix + "temperature", temperature, "a number > 0")
+    validation.check_int(prefix + "top_k", top_k, 0)
+    validation.check_finite(prefix + "top_p", top_p)
+    if not 0 < top_p <= 1:
+        validation.fail(prefix + "top_p", top_p, "a number in (0, 1] (1 = off)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,20 +174,12 @@ class ModelSettings:
     value_head_dropout: float = 0.1
 
     def __post_init__(self):
-        check_choice("model.param_dtype", self.param_dtype, PARAM_DTYPES)
-        check_finite("model.temperature", self.temperature)
-        if self.temperature <= 0:
-            fail("model.temperature", self.temperature, "a number > 0")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            fail("model.top_k", self.top_k, "an integer >= 0 (0 = off)")
-        check_finite("model.top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            fail("model.top_p", self.top_p, "a number in (0, 1] (1 = off)")
-        if isinstance(self.gen_len, bool) or not isinstance(self.gen_len, int) or self.gen_len < 0:
-            fail("model.gen_len", self.gen_len, "an integer >= 0 (0 = action length)")
-        check_finite("model.value_head_dropout", self.value_head_dropout)
+        validation.check_choice("model.param_dtype", self.param_dtype, PARAM_DTYPES)
+        check_sampling("model.", self.temperature, self.top_k, self.top_p)
+        validation.check_int("model.gen_len", self.gen_len, 0)
+        validation.check_finite("model.value_head_dropout", self.value_head_dropout)
         if not 0 <= self.value_head_dropout < 1:
-            fail("model.value_head_dropout", self.value_head_dropout, "a number in [0, 1)")
+            validation.fail("model.value_head_dropout", self.value_head_dropout, "a number in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,17 +204,17 @@ class RunSettings:
     checkpoint_every: int = 100
 
     def __post_init__(self):
-        check_positive_int("run.batch_size", self.batch_size)
-        check_positive_int("run.num_episodes", self.num_episodes)
-        check_positive_int("run.episodes_per_chunk", self.episodes_per_chunk)
-        check_positive_int("run.checkpoint_every", self.checkpoint_every)
+        validation.check_positive_int("run.batch_size", self.batch_size)
+        validation.check_positive_int("run.num_episodes", self.num_episodes)
+        validation.check_positive_int("run.episodes_per_chunk", self.episodes_per_chunk)
+        validation.check_positive_int("run.checkpoint_every", self.checkpoint_every)
         seeds = tuple(self.seeds) if isinstance(self.seeds, (list, tuple)) else self.seeds
         if not isinstance(seeds, tuple) or not seeds:
-            fail("run.seeds", self.seeds, "a non-empty list of integers")
+            validation.fail("run.seeds", self.seeds, "a non-empty list of integers")
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-            fail("run.seeds", self.seeds, "integers >= 0")
+            validation.fail("run.seeds", self.seeds, "integers >= 0")
         if len(set(seeds)) != len(seeds):
-            fail("run.seeds", self.seeds, "distinct integers")
+            validation.fail("run.seeds", self.seeds, "distinct integers")
         object.__setattr__(self, "seeds", seeds)
 
 
@@ -283,8 +233,8 @@ class MeshSettings:
         if isinstance(self.data, bool) or not isinstance(self.data, int) or (
             self.data < 1 and self.data != -1
         ):
-            fail("mesh.data", self.data, "a positive integer or -1 (all devices)")
-        check_positive_int("mesh.model", self.model)
+            validation.fail("mesh.data", self.data, "a positive integer or -1 (all devices)")
+        validation.check_positive_int("mesh.model", self.model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +261,7 @@ class ExperimentConfig:
         self.ppo.mini_batch_size(self.run.batch_size)  # raises if it does not divide
         names = [condition.name for condition in self.all_conditions()]
         if len(set(names)) != len(names):
-            fail("conditions", names, "distinct conditions (reward schedule and opponent)")
+            validation.fail("conditions", names, "distinct conditions (reward schedule and opponent)")
 
     def all_conditions(self) -> tuple[Condition, ...]:
         """The conditions trained: `conditions`, or the one of reward/opponent."""
@@ -321,17 +271,19 @@ class ExperimentConfig:
 def _conditions_from(values: Any) -> tuple[Condition, ...]:
     """Parses the `conditions` section: [{"reward": {...} | name, "opponent": name}, ...]."""
     if not isinstance(values, (list, tuple)):
-        fail("conditions", values, "a list of {reward: ..., opponent: ...} entries")
+        validation.fail("conditions", values, "a list of {reward: ..., opponent: ...} entries")
     conditions = []
     for index, item in enumerate(values):
         prefix = f"conditions[{index}]."
         if not isinstance(item, dict) or set(item) != {"reward", "opponent"}:
-            fail(f"conditions[{index}]", item, "a dict with exactly the keys reward and opponent")
+            validation.fail(f"conditions[{index}]", item, "a dict with exactly the keys reward and opponent")
         reward = item["reward"]
         if isinstance(reward, str):
             reward = {"name": reward}
         conditions.append(Condition(
-            reward=settings_from_dict(RewardSettings, reward, prefix + "reward."), opponent=item["opponent"]))
+            reward=validation.settings_from_dict(RewardSettings, reward, prefix=prefix + "reward.",
+                                                 what="a field of reward"),
+            opponent=item["opponent"]))
     return tuple(conditions)
 
 
@@ -358,15 +310,14 @@ def experiment_from_config_dict(config: ml_collections.ConfigDict | dict) -> Exp
     }
     unknown = sorted(set(values) - set(sections) - {"conditions"})
     if unknown:
-        raise ValueError(
-            f"unknown config section(s) {unknown}; allowed: {sorted(sections) + ['conditions']}."
-        )
+        allowed = ", ".join(sorted(sections) + ["conditions"])
+        validation.fail(unknown[0], values[unknown[0]], f"a config section: {allowed}")
     built = {}
     for name, cls in sections.items():
         section = values.get(name, {})
         if isinstance(section, str):  # `config.game = "IPD"` shorthand.
             section = {"name": section}
-        built[name] = settings_from_dict(cls, section, f"{name}.")
+        built[name] = validation.settings_from_dict(cls, section, prefix=f"{name}.", what=f"a field of {name}")
     return ExperimentConfig(**built, conditions=_conditions_from(values.get("conditions", ())))
 
 
@@ -395,7 +346,7 @@ def parse_variant(arg: str | None, defaults: dict[str, str],
                 + ", ".join(f"{k}=" + ("|".join(v) if v else "...") for k, v in allowed.items())
             )
         if allowed[key] is not None and value not in allowed[key]:
-            fail(f"config variant {key}", value, "one of " + ", ".join(allowed[key]))
+            validation.fail(f"config variant {key}", value, "one of " + ", ".join(allowed[key]))
         result[key] = value
     return result
 

@@ -79,10 +79,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moraljax import action_matcher
 from moraljax import config_lib
 from moraljax import games
+from moraljax import prompt_tables
 from moraljax import prompts
 from moraljax import rewards
+from moraljax import validation
 from moraljax import workdir as workdir_lib
 from moraljax.llm import gemma2
 from moraljax.llm import sampling
@@ -102,20 +105,6 @@ BEYOND_ANSWERS = ("C", "D", "other")
 FINE_TUNED = "fine_tuned"
 BASE = "base"
 EVALUATION_DIRNAME = "evaluation"
-
-
-def _check_names(field: str, value: Any, allowed: Sequence[str], *, empty_ok: bool) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, (tuple, list)):
-        config_lib.fail(field, value, "a list of names from " + ", ".join(allowed))
-    value = tuple(value)
-    if not value and not empty_ok:
-        config_lib.fail(field, value, "a non-empty list of names from " + ", ".join(allowed))
-    unknown = [v for v in value if v not in allowed]
-    if unknown:
-        config_lib.fail(field, value, "names from " + ", ".join(allowed) + f" (unknown: {unknown})")
-    if len(set(value)) != len(value):
-        config_lib.fail(field, value, "distinct names")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,37 +154,32 @@ class EvalSettings:
     seed: int = 0
 
     def __post_init__(self):
-        set_ = functools.partial(object.__setattr__, self)
-        set_("games", _check_names("games", self.games, tuple(games.GAMES), empty_ok=False))
-        set_("actions", config_lib.check_action_pair("actions", self.actions))
-        set_("table_orders", _check_names("table_orders", self.table_orders, prompts.TABLE_ORDERS, empty_ok=False))
+        # Frozen: the checked (tuple) values replace what was given.
+        replace_field = functools.partial(object.__setattr__, self)
+        replace_field("games", validation.check_names("games", self.games, tuple(games.GAMES), empty_ok=False))
+        replace_field("actions", validation.check_action_pair("actions", self.actions))
+        replace_field("table_orders", validation.check_names(
+            "table_orders", self.table_orders, prompts.TABLE_ORDERS, empty_ok=False))
         if isinstance(self.extra_actions, str) or not isinstance(self.extra_actions, (tuple, list)):
-            config_lib.fail("extra_actions", self.extra_actions,
+            validation.fail("extra_actions", self.extra_actions,
                             "a list of action pairs, e.g. [('action1', 'action2')]")
-        extra = tuple(config_lib.check_action_pair("extra_actions", pair) for pair in self.extra_actions)
+        extra = tuple(validation.check_action_pair("extra_actions", pair) for pair in self.extra_actions)
         if self.actions in extra or len(set(extra)) != len(extra):
-            config_lib.fail("extra_actions", self.extra_actions, "distinct pairs other than `actions`")
-        set_("extra_actions", extra)
-        config_lib.check_int("episodes", self.episodes, 1)
-        config_lib.check_int("decisions", self.decisions, 1)
-        set_("value_preambles", _check_names(
+            validation.fail("extra_actions", self.extra_actions, "distinct pairs other than `actions`")
+        replace_field("extra_actions", extra)
+        validation.check_int("episodes", self.episodes, 1)
+        validation.check_int("decisions", self.decisions, 1)
+        replace_field("value_preambles", validation.check_names(
             "value_preambles", self.value_preambles, tuple(prompts.VALUE_PREAMBLES), empty_ok=True))
-        set_("beyond_families", _check_names(
+        replace_field("beyond_families", validation.check_names(
             "beyond_families", self.beyond_families, BEYOND_FAMILIES, empty_ok=True))
-        config_lib.check_int("beyond_samples", self.beyond_samples, 1)
-        config_lib.check_int("beyond_gen_len", self.beyond_gen_len, 1)
-        if self.beyond_game not in games.GAMES:
-            config_lib.fail("beyond_game", self.beyond_game, "one of " + ", ".join(games.GAMES))
-        config_lib.check_int("gen_len", self.gen_len, 0)
-        config_lib.check_finite("temperature", self.temperature)
-        if self.temperature <= 0:
-            config_lib.fail("temperature", self.temperature, "a number > 0")
-        config_lib.check_int("top_k", self.top_k, 0)
-        config_lib.check_finite("top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            config_lib.fail("top_p", self.top_p, "a number in (0, 1] (1 = off)")
-        config_lib.check_finite("xi_eval", self.xi_eval)
-        config_lib.check_int("seed", self.seed, 0)
+        validation.check_int("beyond_samples", self.beyond_samples, 1)
+        validation.check_int("beyond_gen_len", self.beyond_gen_len, 1)
+        validation.check_choice("beyond_game", self.beyond_game, tuple(games.GAMES))
+        validation.check_int("gen_len", self.gen_len, 0)
+        config_lib.check_sampling("", self.temperature, self.top_k, self.top_p)
+        validation.check_finite("xi_eval", self.xi_eval)
+        validation.check_int("seed", self.seed, 0)
 
     def variants(self) -> list[Variant]:
         """The prompt variants, the main test first."""
@@ -209,15 +193,7 @@ def settings_from_dict(values: dict[str, Any]) -> EvalSettings:
     Raises:
         ValueError: naming an unknown or bad field.
     """
-    values = dict(values)
-    names = {f.name for f in dataclasses.fields(EvalSettings)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown evaluation setting(s) {unknown}; allowed: {sorted(names)}.")
-    for key, value in values.items():
-        if isinstance(value, list):
-            values[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-    return EvalSettings(**values)
+    return validation.settings_from_dict(EvalSettings, values, what="an evaluation setting")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,8 +254,8 @@ def protocol_sequences(num_episodes: int = 10, num_decisions: int = 5) -> tuple[
         (initial_states int32 [E, 2] as (prev_m, prev_o), opponent_moves
         int32 [E, D]), 0 = C, 1 = D.
     """
-    config_lib.check_int("num_episodes", num_episodes, 1)
-    config_lib.check_int("num_decisions", num_decisions, 1)
+    validation.check_int("num_episodes", num_episodes, 1)
+    validation.check_int("num_decisions", num_decisions, 1)
     children = np.random.SeedSequence(PROTOCOL_ENTROPY).spawn(PROTOCOL_STREAMS)
     state_rng = np.random.default_rng(children[INITIAL_STATE_STREAM])
     opponent_rng = np.random.default_rng(children[OPPONENT_STREAM])
@@ -362,8 +338,8 @@ class ProtocolInputs:
     """
 
     game: games.MatrixGame
-    tables: prompts.PromptTable
-    matcher: prompts.ActionMatcher
+    tables: prompt_tables.PromptTable
+    matcher: action_matcher.ActionMatcher
     initial_states: jax.Array
     opponent_moves: jax.Array
 
@@ -372,7 +348,8 @@ class ProtocolInputs:
 # one model's answers to the prompts of its E current states. `shared` is the
 # same for every model (the frozen base), `params` is this model's slice of
 # the model axis (its adapter).
-ChooseFn = Callable[[Any, Any, prompts.PromptTable, prompts.ActionMatcher, games.GameState, jax.Array], Choice]
+ChooseFn = Callable[
+    [Any, Any, prompt_tables.PromptTable, action_matcher.ActionMatcher, games.GameState, jax.Array], Choice]
 
 
 def sample_choice(
@@ -380,8 +357,8 @@ def sample_choice(
     settings: rollout.SamplingSettings,
     frozen: Any,
     trainable: Any,
-    table: prompts.PromptTable,
-    matcher: prompts.ActionMatcher,
+    table: prompt_tables.PromptTable,
+    matcher: action_matcher.ActionMatcher,
     state: games.GameState,
     key: jax.Array,
 ) -> Choice:
@@ -420,7 +397,7 @@ def sample_choice(
         top_k=settings.top_k,
         top_p=settings.top_p,
     )
-    return Choice(action=prompts.match_actions(matcher, out.tokens), tokens=out.tokens, prompt_index=index)
+    return Choice(action=action_matcher.match_actions(matcher, out.tokens), tokens=out.tokens, prompt_index=index)
 
 
 def play_protocol(
@@ -542,7 +519,7 @@ class EvalResults:
     num_compilations: int
 
 
-def _pad_matchers(matchers: Sequence[prompts.ActionMatcher]) -> list[prompts.ActionMatcher]:
+def _pad_matchers(matchers: Sequence[action_matcher.ActionMatcher]) -> list[action_matcher.ActionMatcher]:
     """Pads matchers to one shape so they share a compiled program.
 
     Added states are unreachable and added token classes unused, so every
@@ -554,11 +531,11 @@ def _pad_matchers(matchers: Sequence[prompts.ActionMatcher]) -> list[prompts.Act
     for m in matchers:
         s, k = m.transitions.shape
         padded.append(
-            prompts.ActionMatcher(
+            action_matcher.ActionMatcher(
                 token_class=m.token_class,
                 transitions=jnp.pad(m.transitions, ((0, states - s), (0, classes - k)),
-                                    constant_values=prompts.DEAD_STATE),
-                accept_action=jnp.pad(m.accept_action, (0, states - s), constant_values=prompts.NO_ACTION),
+                                    constant_values=action_matcher.DEAD_STATE),
+                accept_action=jnp.pad(m.accept_action, (0, states - s), constant_values=action_matcher.NO_ACTION),
             )
         )
     return padded
@@ -566,7 +543,7 @@ def _pad_matchers(matchers: Sequence[prompts.ActionMatcher]) -> list[prompts.Act
 
 def matrix_prompt_tables(
     tokenizer, settings: EvalSettings, preambles: Sequence[str | None]
-) -> tuple[prompts.PromptTable, dict[tuple[str, Variant, str | None], int]]:
+) -> tuple[prompt_tables.PromptTable, dict[tuple[str, Variant, str | None], int]]:
     """Every (game, variant, preamble) prompt table, padded to one width.
 
     Args:
@@ -583,10 +560,10 @@ def matrix_prompt_tables(
         for variant in settings.variants():
             for preamble in dict.fromkeys(preambles):
                 keys.append((game_name, variant, preamble))
-                tables.append(prompts.build_prompt_table(
+                tables.append(prompt_tables.build_prompt_table(
                     tokenizer, payoffs, actions=variant.actions, table_order=variant.table_order,
                     preamble=None if preamble is None else prompts.VALUE_PREAMBLES[preamble]))
-    stacked = prompts.stack_prompt_tables(tables, tokenizer.pad_token_id)
+    stacked = prompt_tables.stack_prompt_tables(tables, tokenizer.pad_token_id)
     return stacked, {key: row for row, key in enumerate(keys)}
 
 
@@ -594,10 +571,10 @@ def _model_specs(seeds: Sequence[int], kinds: Sequence[str], include_base: bool,
                  value_preambles: Sequence[str]) -> list[ModelSpec]:
     seeds = [int(s) for s in seeds]
     if len(set(zip(kinds, seeds))) != len(seeds) or any(s < 0 for s in seeds):
-        config_lib.fail("seeds", seeds, "integers >= 0, one per fine-tuned model, distinct within a kind")
+        validation.fail("seeds", seeds, "integers >= 0, one per fine-tuned model, distinct within a kind")
     reserved = {BASE} | {f"base+{v}" for v in value_preambles}
     if reserved & set(kinds):
-        config_lib.fail("kinds", sorted(set(kinds)), f"labels other than {', '.join(sorted(reserved))}")
+        validation.fail("kinds", sorted(set(kinds)), f"labels other than {', '.join(sorted(reserved))}")
     # Models of different kinds with the same seed share sampling keys:
     # common random numbers make conditions directly comparable.
     models = [ModelSpec(f"seed{s}" if kind == FINE_TUNED else f"{kind}/seed{s}", kind, s, 1 + s, None)
@@ -655,14 +632,14 @@ def evaluate_policies(
     say = progress or (lambda _: None)
     leaves = jax.tree.leaves(trainable)
     if not leaves or any(np.ndim(x) < 1 for x in leaves) or len({np.shape(x)[0] for x in leaves}) != 1:
-        config_lib.fail("trainable", jax.tree.map(np.shape, trainable), "a pytree with one leading model axis N")
+        validation.fail("trainable", jax.tree.map(np.shape, trainable), "a pytree with one leading model axis N")
     num_fine_tuned = np.shape(leaves[0])[0]
     seeds = list(range(num_fine_tuned)) if seeds is None else list(seeds)
     if len(seeds) != num_fine_tuned:
-        config_lib.fail("seeds", seeds, f"{num_fine_tuned} seeds, one per model of `trainable`")
+        validation.fail("seeds", seeds, f"{num_fine_tuned} seeds, one per model of `trainable`")
     kinds = [FINE_TUNED] * num_fine_tuned if kinds is None else list(kinds)
     if len(kinds) != num_fine_tuned or not all(isinstance(k, str) and k for k in kinds):
-        config_lib.fail("kinds", kinds, f"{num_fine_tuned} non-empty labels, one per model of `trainable`")
+        validation.fail("kinds", kinds, f"{num_fine_tuned} non-empty labels, one per model of `trainable`")
     models = _model_specs(seeds, kinds, include_base, settings.value_preambles)
     num_base_rows = len(models) - num_fine_tuned
     params = jax.tree.map(
@@ -674,10 +651,10 @@ def evaluate_policies(
 
     variants = settings.variants()
     action_sets = list(dict.fromkeys(v.actions for v in variants))
-    gen_lens = {a: settings.gen_len or prompts.action_token_length(tokenizer, a) for a in action_sets}
+    gen_lens = {a: settings.gen_len or action_matcher.action_token_length(tokenizer, a) for a in action_sets}
     matcher_len = {a: max(gen_lens[a], settings.beyond_gen_len if a == settings.actions else 0) for a in action_sets}
     matchers = dict(zip(action_sets, _pad_matchers(
-        [prompts.build_action_matcher(tokenizer, a, matcher_len[a]) for a in action_sets])))
+        [action_matcher.build_action_matcher(tokenizer, a, matcher_len[a]) for a in action_sets])))
 
     compiled: dict[int, Callable] = {}
 
@@ -720,8 +697,8 @@ def evaluate_policies(
         keep = jnp.asarray([i for i, m in enumerate(models) if m.preamble is None])
         beyond_params = jax.tree.map(lambda x: x[keep], params)
         beyond_payoffs = np.asarray(games.get_game(settings.beyond_game).payoffs)
-        family_tables = prompts.stack_prompt_tables(
-            [prompts.build_prompt_table(tokenizer, beyond_payoffs, actions=settings.actions, family=family)
+        family_tables = prompt_tables.stack_prompt_tables(
+            [prompt_tables.build_prompt_table(tokenizer, beyond_payoffs, actions=settings.actions, family=family)
              for family in settings.beyond_families],
             tokenizer.pad_token_id,
         )

@@ -35,12 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moraljax import action_matcher
 from moraljax import config_lib
 from moraljax import distributed
 from moraljax import games
 from moraljax import interrupts
 from moraljax import opponents
-from moraljax import prompts
+from moraljax import prompt_tables
 from moraljax import sharding as sharding_lib
 from moraljax import workdir as workdir_lib
 from moraljax.llm import gemma2
@@ -129,7 +130,7 @@ def init_learners(
 def _update_one(
     graphdef: nnx.GraphDef,
     frozen: nnx.State,
-    table: prompts.PromptTable,
+    table: prompt_tables.PromptTable,
     settings: ChunkSettings,
     learner: LearnerState,
     decisions: rollout.Decisions,
@@ -420,19 +421,19 @@ def build_run(
     )
     game = games.get_game(cfg.game.name)
     actions = cfg.prompt.actions
-    gen_len = cfg.model.gen_len or prompts.action_token_length(tokenizer, actions)
+    gen_len = cfg.model.gen_len or action_matcher.action_token_length(tokenizer, actions)
     sides = [game, games.opponent_view(game)]  # Player 0 (M) and player 1.
     tables = [
-        prompts.build_prompt_table(
+        prompt_tables.build_prompt_table(
             tokenizer, np.asarray(side.payoffs), actions=actions, table_order=cfg.prompt.table_order
         )
         for side in sides
     ]
-    stacked = prompts.stack_prompt_tables(tables, tokenizer.pad_token_id)
+    stacked = prompt_tables.stack_prompt_tables(tables, tokenizer.pad_token_id)
     env = rollout.Environment(
         game=games.stack_games(sides),
         prompts=rollout.flatten_learners(stacked),  # [2, P, T] -> [2 * P, T]
-        matcher=prompts.build_action_matcher(tokenizer, actions, gen_len),
+        matcher=action_matcher.build_action_matcher(tokenizer, actions, gen_len),
     )
     setup = jax.tree.map(lambda *xs: jnp.stack(xs), *setups)
     graphdef, _, frozen = gemma2.split_policy(policy)

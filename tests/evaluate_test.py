@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moraljax import action_matcher
 from moraljax import checkpointing
 from moraljax import config_lib
 from moraljax import evaluate
@@ -206,7 +207,7 @@ def test_config_file_gives_the_default_settings():
     values = module.get_config("runs/ipd_util").to_dict()
     assert values.pop("workdir") == "runs/ipd_util" and values.pop("out_dir") == ""
     assert evaluate.settings_from_dict(values) == evaluate.EvalSettings()
-    with pytest.raises(ValueError, match="unknown evaluation setting"):
+    with pytest.raises(ValueError, match="episode=3 is not allowed; expected an evaluation setting: actions, "):
         evaluate.settings_from_dict({"episode": 3})
 
 
@@ -255,14 +256,14 @@ def test_tiny_model_smoke(tiny_run, model_results):
         assert 0 < legal.mean() < 1  # The tiny base answers legally mostly, not always.
         # The in-jit parse is the host rule; the prompt shows the state.
         for tokens, action in zip(records.tokens.reshape(-1, 2), records.action.ravel()):
-            assert prompts.parse_action_host(run.tokenizer, tokens, variant.actions) == action
+            assert action_matcher.parse_action_host(run.tokenizer, tokens, variant.actions) == action
         np.testing.assert_array_equal(records.prompt_index // 4, records.prev_m * 2 + records.prev_o)
         assert np.all((0 <= records.regret_deont) & (records.regret_deont <= 6))
         assert np.all((0 <= records.regret_util) & (records.regret_util <= 1))
     for records in model_results.beyond.values():
         assert records.tokens.shape == (3, 6, 1, 5)
         for tokens, action in zip(records.tokens.reshape(-1, 5), records.action.ravel()):
-            assert prompts.parse_action_host(run.tokenizer, tokens, prompts.TEST_ACTIONS) == action
+            assert action_matcher.parse_action_host(run.tokenizer, tokens, prompts.TEST_ACTIONS) == action
     assert model_results.num_compilations == 2
 
 
