@@ -31,33 +31,28 @@ import json
 import math
 import os
 import pathlib
-import re
 from typing import Any
 
-# Figures are drawn on matplotlib.figure.Figure, not pyplot: no global
-# backend state, no display needed (savefig renders PNG with Agg).
-from matplotlib import axes as matplotlib_axes
-from matplotlib import figure as matplotlib_figure
 import numpy as np
 import tensorboardX
 
-from moraljax import games
 from moraljax import workdir as workdir_lib
+from moraljax.output import csv_files
+from moraljax.output import figures
+from moraljax.output import markdown
+from moraljax.output import names
+from moraljax.output import statistics
+from moraljax.output import tensorboard
 
-ACTION_TYPE_NAMES = games.ACTION_TYPE_NAMES
-NUM_ACTION_TYPES = len(ACTION_TYPE_NAMES)
-COUNT_COLUMNS = tuple(f"n_{name}" for name in ACTION_TYPE_NAMES)
-OPPONENT_ILLEGAL_COLUMN = "n_opp_illegal"
+# Metric and column names: moraljax.output.names.
+ACTION_TYPE_NAMES = names.ACTION_TYPE_NAMES
+NUM_ACTION_TYPES = names.NUM_ACTION_TYPES
+COUNT_COLUMNS = names.COUNT_COLUMNS
+OPPONENT_ILLEGAL_COLUMN = names.OPPONENT_ILLEGAL_COLUMN
+REWARD_KEYS = names.REWARD_KEYS
+REGRET_KEYS = names.REGRET_KEYS
+DECISION_KEYS = names.DECISION_KEYS
 
-# Per-decision float records averaged per episode, in CSV column order.
-# "reward" is the training reward actually used; the others are the raw
-# reward of every type for the same decision, and the two moral regrets.
-REWARD_KEYS = ("reward", "reward_game", "reward_deont", "reward_util",
-               "reward_game_deont")
-REGRET_KEYS = ("regret_deont", "regret_util")
-DECISION_KEYS = ("action_type", "opponent_legal") + REWARD_KEYS + REGRET_KEYS
-
-METADATA_COLUMNS = ("episode", "learner", "seed", "condition", "player")
 _INT_COLUMNS = frozenset(("episode", "learner", "seed", "player")
                          + COUNT_COLUMNS + (OPPONENT_ILLEGAL_COLUMN,))
 _STRING_COLUMNS = frozenset(("condition",))
@@ -65,100 +60,13 @@ _STRING_COLUMNS = frozenset(("condition",))
 METRICS_FILENAME = "metrics.csv"
 TENSORBOARD_DIRNAME = "tb"
 
-# One colour per action type, the same in every figure: greens cooperate,
-# warm colours defect, greys are illegal outputs.
-ACTION_TYPE_COLORS = {
-    "C|C": "#2ca02c",
-    "C|D": "#98df8a",
-    "D|C": "#ff7f0e",
-    "D|D": "#d62728",
-    "illegal|C": "#c7c7c7",
-    "illegal|D": "#7f7f7f",
-}
-
-_FIGURE_DPI = 100
-_SUBPLOT_SIZE_INCHES = (5.0, 3.5)
-_MAX_SUBPLOT_COLUMNS = 3
-_Z_95 = 1.96
-
 
 # ---------------------------------------------------------------------------
 # Small shared helpers.
 
 
-def mean_and_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over runs and the half-width of its 95% confidence interval.
-
-        mean = sum_r x_r / R,   ci = 1.96 * sd(x, ddof=1) / sqrt(R)
-
-    as in the paper's plots and tables (SPEC.md section 8); ci = 0 where only
-    one run has a value. NaN entries (a run without that episode) are left
-    out of both, so R counts the runs present.
-
-    Args:
-        values: float [R, ...], runs on axis 0.
-
-    Returns:
-        (mean, ci), each float [...]; NaN where no run has a value.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim < 1 or values.shape[0] == 0:
-        raise ValueError(f"values.shape={values.shape} is not allowed; "
-                         "expected at least one run on axis 0.")
-    present = ~np.isnan(values)
-    runs = present.sum(axis=0)
-    total = np.where(present, values, 0.0).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(runs > 0, total / np.maximum(runs, 1), np.nan)
-        squares = np.where(present, (values - mean) ** 2, 0.0).sum(axis=0)
-        sd = np.sqrt(squares / np.maximum(runs - 1, 1))
-        ci = np.where(runs > 1, _Z_95 * sd / np.sqrt(np.maximum(runs, 1)),
-                      np.where(runs == 1, 0.0, np.nan))
-    return mean, ci
-
-
-def group_labels(conditions: Sequence[str], players: Sequence[int]
-                 ) -> list[str]:
-    """Label of the (condition, player) group of every learner or row.
-
-    Args:
-        conditions: condition name per learner (or CSV row).
-        players: player index per learner (or CSV row).
-
-    Returns:
-        One label per entry: the condition, plus "/player{p}" when that
-        condition has more than one player.
-    """
-    players_of: dict[str, set[int]] = {}
-    for condition, player in zip(conditions, players):
-        players_of.setdefault(str(condition), set()).add(int(player))
-    return [str(c) if len(players_of[str(c)]) == 1 else f"{c}/player{int(p)}"
-            for c, p in zip(conditions, players)]
-
-
 def _unique_in_order(items: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(items))
-
-
-def tensorboard_tag(*parts: str) -> str:
-    """A TensorBoard tag from readable parts, legal characters only.
-
-    TensorBoard allows ``[-/\\w.]``; tensorboardX would otherwise replace
-    other characters by "_" silently, so the mapping is made explicit:
-    "->" (unlearning) becomes "_to_", "|" (action types) "_given_".
-
-    Args:
-        *parts: tag components, joined by "/".
-
-    Returns:
-        The tag, e.g. ("game->deont_vs_tft", "action_share", "D|C") ->
-        "game_to_deont_vs_tft/action_share/D_given_C".
-    """
-    cleaned = []
-    for part in parts:
-        part = part.replace("->", "_to_").replace("|", "_given_")
-        cleaned.append(re.sub(r"[^-\w.]", "_", part))
-    return "/".join(cleaned)
 
 
 def _moving_average(values: np.ndarray, window: int | None) -> np.ndarray:
@@ -230,15 +138,6 @@ def read_metrics(metrics_csv_path: str | os.PathLike) -> dict[str, np.ndarray]:
             columns[name] = np.asarray([float(v) for v in raw],
                                        dtype=np.float64)
     return columns
-
-
-def _format_value(value: Any) -> str:
-    """CSV text of one number: ints exactly, floats by shortest round trip."""
-    if isinstance(value, (bool, np.bool_)):
-        return str(int(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    return repr(float(value))
 
 
 def _truncate_metrics(path: pathlib.Path, start_episode: int) -> None:
@@ -422,8 +321,6 @@ class RunWriter:
         self.is_writer = bool(is_writer)
         self._learners = [dict(learner) for learner in learners]
         self._has_llm_opponent = any(bool(x) for x in opponent_is_llm)
-        self._labels = group_labels([l["condition"] for l in learners],
-                                    [l["player"] for l in learners])
         self._last_episode = int(start_episode) - 1
         self._metrics_path = self.workdir / METRICS_FILENAME
         self._tensorboard = None
@@ -439,10 +336,10 @@ class RunWriter:
             flush_secs=10**6, max_queue=10**6)
 
     def _header(self, update_keys: Sequence[str]) -> list[str]:
-        header = list(METADATA_COLUMNS) + list(COUNT_COLUMNS)
+        header = list(names.METADATA_COLUMNS) + list(COUNT_COLUMNS)
         if self._has_llm_opponent:
             header.append(OPPONENT_ILLEGAL_COLUMN)
-        header += ["illegal_share"] + list(REWARD_KEYS) + list(REGRET_KEYS)
+        header += [names.ILLEGAL_SHARE_COLUMN] + list(REWARD_KEYS) + list(REGRET_KEYS)
         clashes = sorted(set(update_keys) & set(header))
         if clashes:
             raise ValueError(f"updates keys {clashes} clash with metrics "
@@ -511,56 +408,47 @@ class RunWriter:
                 row += [float(means[key][k, n])
                         for key in REWARD_KEYS + REGRET_KEYS]
                 row += [update_values[key][k, n] for key in sorted(update_values)]
-                rows.append([v if isinstance(v, str) else _format_value(v)
+                rows.append([v if isinstance(v, str) else csv_files.format_value(v)
                              for v in row])
         self._append_rows(header, rows)
-        self._write_tensorboard(episodes, counts / num_decisions,
-                                opponent_illegal / num_decisions,
+        self._write_tensorboard(episodes, counts, opponent_illegal,
                                 illegal_share, means, update_values)
 
     def _append_rows(self, header: list[str], rows: list[list[str]]) -> None:
-        exists = self._metrics_path.exists()
-        if exists:
+        if self._metrics_path.exists():
             with self._metrics_path.open(newline="") as handle:
                 existing = next(csv.reader(handle), None)
             if existing != header:
                 raise ValueError(
                     f"{self._metrics_path} has columns {existing}; this run "
                     f"writes {header}. Use a fresh workdir or start_episode=0.")
-        with self._metrics_path.open("a", newline="") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            if not exists:
-                writer.writerow(header)
-            writer.writerows(rows)
+        csv_files.write_rows(self._metrics_path, header, rows, append=True)
 
-    def _write_tensorboard(self, episodes: np.ndarray, shares: np.ndarray,
-                           opponent_illegal_share: np.ndarray,
+    def _write_tensorboard(self, episodes: np.ndarray, counts: np.ndarray,
+                           opponent_illegal: np.ndarray,
                            illegal_share: np.ndarray,
                            means: Mapping[str, np.ndarray],
                            updates: Mapping[str, np.ndarray]) -> None:
-        """Scalars per group, each the mean over the group's seeds."""
-        labels = np.asarray(self._labels)
-        for label in _unique_in_order(self._labels):
-            members = labels == label
-            scalars = {}
-            for t, name in enumerate(ACTION_TYPE_NAMES):
-                scalars[("action_share", name)] = shares[:, members, t]
-            scalars[("action_share", "illegal")] = illegal_share[:, members]
-            if self._has_llm_opponent:
-                scalars[("action_share", "opponent_illegal")] = (
-                    opponent_illegal_share[:, members])
-            for key in REWARD_KEYS:
-                scalars[("reward", key)] = means[key][:, members]
-            for key in REGRET_KEYS:
-                scalars[("regret", key)] = means[key][:, members]
-            for key in sorted(updates):
-                scalars[("ppo", key)] = updates[key][:, members]
-            for (section, name), values in scalars.items():
-                tag = tensorboard_tag(label, section, name)
-                per_episode = np.asarray(values, np.float64).mean(axis=1)
-                for k, episode in enumerate(episodes):
-                    self._tensorboard.add_scalar(
-                        tag, float(per_episode[k]), global_step=int(episode))
+        """Scalars per group, each the mean over the group's seeds.
+
+        The chunk's [K, N] values are laid out as its metrics.csv rows
+        (episode-major), so a run and a merged sweep write the same scalars
+        through ``tensorboard.write_group_means``.
+        """
+        num_learners = len(self._learners)
+        columns = {
+            "episode": np.repeat(episodes, num_learners),
+            "condition": np.tile([l["condition"] for l in self._learners], len(episodes)),
+            "player": np.tile([int(l["player"]) for l in self._learners], len(episodes)),
+            names.ILLEGAL_SHARE_COLUMN: illegal_share.reshape(-1),
+        }
+        for t, column in enumerate(COUNT_COLUMNS):
+            columns[column] = counts[..., t].reshape(-1)
+        if self._has_llm_opponent:
+            columns[OPPONENT_ILLEGAL_COLUMN] = opponent_illegal.reshape(-1)
+        for key, value in {**means, **updates}.items():
+            columns[key] = np.asarray(value, np.float64).reshape(-1)
+        tensorboard.write_group_means(self._tensorboard, columns)
         self._tensorboard.flush()
 
     def save_config(self, config: Mapping[str, Any]) -> None:
@@ -608,7 +496,7 @@ def _select_groups(columns: Mapping[str, np.ndarray],
                    condition: str | Sequence[str] | None
                    ) -> tuple[np.ndarray, list[str]]:
     """Row labels and the labels to plot, filtered by condition name."""
-    labels = np.asarray(group_labels(columns["condition"], columns["player"]))
+    labels = np.asarray(names.group_labels(columns["condition"], columns["player"]))
     if condition is None:
         return labels, _unique_in_order(labels.tolist())
     wanted = [condition] if isinstance(condition, str) else list(condition)
@@ -619,20 +507,6 @@ def _select_groups(columns: Mapping[str, np.ndarray],
                          f"one of {available}.")
     keep = np.isin(columns["condition"], wanted)
     return labels, _unique_in_order(labels[keep].tolist())
-
-
-def _subplots(num_panels: int) -> tuple[matplotlib_figure.Figure,
-                                         list[matplotlib_axes.Axes]]:
-    num_columns = min(num_panels, _MAX_SUBPLOT_COLUMNS)
-    num_rows = math.ceil(num_panels / num_columns)
-    width, height = _SUBPLOT_SIZE_INCHES
-    figure = matplotlib_figure.Figure(
-        figsize=(width * num_columns, height * num_rows), dpi=_FIGURE_DPI)
-    axes = figure.subplots(num_rows, num_columns, squeeze=False)
-    flat = list(axes.ravel())
-    for unused in flat[num_panels:]:
-        unused.set_visible(False)
-    return figure, flat[:num_panels]
 
 
 def _per_run_grid(columns: Mapping[str, np.ndarray], rows: np.ndarray,
@@ -672,7 +546,7 @@ def plot_action_types(metrics_csv_path: str | os.PathLike,
     _check_window(smoothing_window)
     columns = read_metrics(metrics_csv_path)
     labels, selected = _select_groups(columns, condition)
-    figure, axes = _subplots(len(selected))
+    figure, axes = figures.panels(len(selected))
     for axis, label in zip(axes, selected):
         rows = labels == label
         num_runs = len(np.unique(columns["learner"][rows]))
@@ -683,7 +557,7 @@ def plot_action_types(metrics_csv_path: str | os.PathLike,
             np.add.at(counts[t], position, columns[column][rows])
         axis.stackplot(episodes, _moving_average(counts, smoothing_window),
                        labels=ACTION_TYPE_NAMES,
-                       colors=[ACTION_TYPE_COLORS[n] for n in ACTION_TYPE_NAMES],
+                       colors=figures.action_type_colors(),
                        linewidth=0)
         if (OPPONENT_ILLEGAL_COLUMN in columns
                 and columns[OPPONENT_ILLEGAL_COLUMN][rows].any()):
@@ -697,10 +571,8 @@ def plot_action_types(metrics_csv_path: str | os.PathLike,
         axis.set_ylabel("decisions (sum over runs)")
         axis.set_xlim(episodes[0], max(episodes[-1], episodes[0] + 1))
         axis.margins(x=0)
-    handles, names = axes[0].get_legend_handles_labels()
-    figure.legend(handles, names, loc="upper right", fontsize="small")
-    figure.tight_layout(rect=(0, 0, 0.88, 1))
-    figure.savefig(out_png, dpi=_FIGURE_DPI)
+    figures.legend_right(figure, axes[0], 0.88)
+    figure.savefig(out_png)
 
 
 def plot_rewards(metrics_csv_path: str | os.PathLike,
@@ -735,12 +607,12 @@ def plot_rewards(metrics_csv_path: str | os.PathLike,
         raise ValueError(f"reward_keys={list(reward_keys)!r} is not allowed; "
                          f"expected a non-empty subset of {allowed}.")
     labels, selected = _select_groups(columns, condition)
-    figure, axes = _subplots(len(selected))
+    figure, axes = figures.panels(len(selected))
     for axis, label in zip(axes, selected):
         rows = labels == label
         for key in reward_keys:
             episodes, grid = _per_run_grid(columns, rows, key)
-            mean, ci = mean_and_ci95(_moving_average(grid, smoothing_window))
+            mean, ci = statistics.mean_and_ci95(_moving_average(grid, smoothing_window))
             line, = axis.plot(episodes, mean, label=key)
             axis.fill_between(episodes, mean - ci, mean + ci, alpha=0.25,
                               color=line.get_color(), linewidth=0)
@@ -750,7 +622,7 @@ def plot_rewards(metrics_csv_path: str | os.PathLike,
         axis.set_ylabel("mean reward per decision")
         axis.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(out_png, dpi=_FIGURE_DPI)
+    figure.savefig(out_png)
 
 
 # ---------------------------------------------------------------------------
@@ -779,10 +651,7 @@ def action_shares(columns: Mapping[str, np.ndarray],
     shares = counts / max(counts.sum(), 1.0)
     out = {f"share_{name}": float(share)
            for name, share in zip(ACTION_TYPE_NAMES, shares)}
-    out["cooperation"] = float(shares[0] + shares[1])
-    out["defection"] = float(shares[2] + shares[3])
-    out["illegal"] = float(shares[4] + shares[5])
-    return out
+    return {**out, **names.group_shares(shares)}
 
 
 def summarise(metrics_csv_path: str | os.PathLike, *,
@@ -823,12 +692,11 @@ def summarise(metrics_csv_path: str | os.PathLike, *,
         raise ValueError(f"final_fraction={final_fraction!r} is not allowed; "
                          "expected a number in (0, 1].")
     columns = read_metrics(metrics_csv_path)
-    labels = np.asarray(group_labels(columns["condition"], columns["player"]))
+    labels = np.asarray(names.group_labels(columns["condition"], columns["player"]))
     has_opponent = OPPONENT_ILLEGAL_COLUMN in columns
     mean_keys = [c for c in columns
                  if c in REWARD_KEYS or c in REGRET_KEYS]
-    metric_names = ([f"share_{n}" for n in ACTION_TYPE_NAMES]
-                    + ["cooperation", "defection", "illegal"]
+    metric_names = (list(names.SHARE_COLUMNS) + list(names.ACTION_GROUPS)
                     + (["opponent_illegal"] if has_opponent else [])
                     + mean_keys)
 
@@ -857,7 +725,7 @@ def summarise(metrics_csv_path: str | os.PathLike, *,
                 run[key] = float(columns[key][mine].mean())
             runs.append(run)
         table = np.asarray([[run[m] for m in metric_names] for run in runs])
-        mean, ci = mean_and_ci95(table)
+        mean, ci = statistics.mean_and_ci95(table)
         first = rows.nonzero()[0][0]
         groups[label] = {
             "condition": str(columns["condition"][first]),
@@ -874,25 +742,16 @@ def summarise(metrics_csv_path: str | os.PathLike, *,
             "groups": groups}
 
 
-def _markdown_cell(text: str) -> str:
-    # "|" inside a cell would split the markdown table.
-    return text.replace("|", "\\|")
-
-
 def _markdown_table(group: Mapping[str, Any], metrics: Sequence[str],
                     decimals: int) -> list[str]:
-    header = ["seed"] + [_markdown_cell(m.removeprefix("share_"))
+    header = ["seed"] + [markdown.escape(m.removeprefix("share_"))
                          for m in metrics]
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "---|" * len(header)]
-    for run in group["runs"]:
-        cells = [str(run["seed"])] + [f"{run[m]:.{decimals}f}" for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
-    cells = ["mean ± 95% CI"] + [
-        f"{group['mean'][m]:.{decimals}f} ± {group['ci95'][m]:.{decimals}f}"
-        for m in metrics]
-    lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    rows = [[str(run["seed"])] + [f"{run[m]:.{decimals}f}" for m in metrics]
+            for run in group["runs"]]
+    rows.append(["mean ± 95% CI"] + [
+        markdown.mean_ci(group["mean"][m], group["ci95"][m], decimals)
+        for m in metrics])
+    return markdown.table(header, rows)
 
 
 def summary_markdown(summary: Mapping[str, Any]) -> str:
@@ -915,7 +774,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
              "95% CI = 1.96 * sd / sqrt(runs) over runs (0 for one run).", ""]
     for label, group in summary["groups"].items():
         first, last = group["final_window"]
-        lines += [f"## {_markdown_cell(label)}", "",
+        lines += [f"## {markdown.escape(label)}", "",
                   f"{group['num_episodes']} episodes, {group['num_runs']} "
                   f"runs; final window episodes {first}-{last} "
                   f"({group['num_final_episodes']} episodes).", "",

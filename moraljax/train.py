@@ -47,21 +47,12 @@ from moraljax import workdir as workdir_lib
 from moraljax.llm import gemma2
 from moraljax.llm import lora as lora_lib
 from moraljax.llm import sampling
+from moraljax.output import names as metric_names
 from moraljax.rl import ppo
 from moraljax.rl import rollout
 
 # Metrics of `rollout.Decisions` that go to the host (the rest stay on device).
-DECISION_METRICS = (
-    "action_type",
-    "opponent_legal",
-    "reward",
-    "reward_game",
-    "reward_deont",
-    "reward_util",
-    "reward_game_deont",
-    "regret_deont",
-    "regret_util",
-)
+DECISION_METRICS = metric_names.DECISION_KEYS
 
 
 @flax.struct.dataclass
@@ -482,12 +473,10 @@ def export_adapters(run: Run, directory: pathlib.Path, *, is_writer: bool) -> No
 
 
 def _shares_text(metrics: dict[str, np.ndarray]) -> str:
-    """'C 52% D 40% ill 8%' over a chunk's decisions (for the progress bar)."""
-    types = metrics["action_type"]
-    total = types.size
-    coop = np.isin(types, (0, 1)).sum() / total
-    defect = np.isin(types, (2, 3)).sum() / total
-    return f"C {coop:.0%} D {defect:.0%} illegal {1 - coop - defect:.0%}"
+    """'C 52% D 40% illegal 8%' over a chunk's decisions (for the progress bar)."""
+    types = np.asarray(metrics["action_type"]).ravel()
+    shares = metric_names.group_shares(np.bincount(types, minlength=metric_names.NUM_ACTION_TYPES) / types.size)
+    return f"C {shares['cooperation']:.0%} D {shares['defection']:.0%} illegal {shares['illegal']:.0%}"
 
 
 class NonFiniteError(ValueError):

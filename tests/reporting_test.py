@@ -16,6 +16,9 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from moraljax import reporting
+from moraljax.output import figures
+from moraljax.output import names
+from moraljax.output import statistics
 
 # Action type indices, typed out from SPEC.md section 8.
 CC, CD, DC, DD, IC, ID = range(6)
@@ -364,7 +367,7 @@ def test_write_summary_json_and_markdown(tmp_path):
 
 
 def test_mean_and_ci95_by_hand():
-    mean, ci = reporting.mean_and_ci95(
+    mean, ci = statistics.mean_and_ci95(
         np.array([[1.0, 5.0, np.nan], [3.0, np.nan, np.nan]]))
     np.testing.assert_allclose(mean[:2], [2.0, 5.0])
     np.testing.assert_allclose(ci[:2], [1.96, 0.0])
@@ -372,7 +375,7 @@ def test_mean_and_ci95_by_hand():
 
 
 def test_group_labels():
-    assert reporting.group_labels(["a", "b", "b"], [0, 0, 1]) == [
+    assert names.group_labels(["a", "b", "b"], [0, 0, 1]) == [
         "a", "b/player0", "b/player1"]
 
 
@@ -408,7 +411,7 @@ def test_plot_action_types(tmp_path):
     # Two conditions -> two 5 x 3.5 inch panels side by side at 100 dpi.
     assert image.shape[:2] == (350, 1000)
     for name in ("D|C", "illegal|D", "C|C", "D|D"):
-        assert _has_colour(image, reporting.ACTION_TYPE_COLORS[name]), name
+        assert _has_colour(image, figures.ACTION_TYPE_COLORS[name]), name
 
     one = tmp_path / "one.png"
     reporting.plot_action_types(path, one, condition="game->deont_vs_tft",
@@ -418,9 +421,9 @@ def test_plot_action_types(tmp_path):
     # The legend names all six types, but only D|C fills area here: the
     # large C|C area of the other condition is absent.
     assert (np.sum(np.all(np.abs(image[..., :3] - _hex_rgb(
-        reporting.ACTION_TYPE_COLORS["D|C"])) < 2e-3, axis=-1)) > 10_000)
+        figures.ACTION_TYPE_COLORS["D|C"])) < 2e-3, axis=-1)) > 10_000)
     assert (np.sum(np.all(np.abs(image[..., :3] - _hex_rgb(
-        reporting.ACTION_TYPE_COLORS["C|C"])) < 2e-3, axis=-1)) < 1_000)
+        figures.ACTION_TYPE_COLORS["C|C"])) < 2e-3, axis=-1)) < 1_000)
 
     with pytest.raises(ValueError, match="condition"):
         reporting.plot_action_types(path, one, condition="ut_vs_tft")
