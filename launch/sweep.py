@@ -55,6 +55,7 @@ from moraljax import reporting  # noqa: E402
 from moraljax import validation  # noqa: E402
 from moraljax.output import csv_files  # noqa: E402
 from moraljax.output import names  # noqa: E402
+from moraljax.output import run_report  # noqa: E402
 from moraljax.output import tensorboard  # noqa: E402
 from moraljax import workdir as workdir_lib  # noqa: E402
 
@@ -367,7 +368,7 @@ def write_tensorboard(metrics_path: pathlib.Path, directory: pathlib.Path) -> No
 
     writer = tensorboardX.SummaryWriter(logdir=str(directory), flush_secs=10**6, max_queue=10**6)
     try:
-        tensorboard.write_group_means(writer, reporting.read_metrics(metrics_path))
+        tensorboard.write_group_means(writer, run_report.read_metrics(metrics_path))
     finally:
         writer.close()
 
@@ -394,7 +395,7 @@ def merge(parts: Sequence[Part], workdir: pathlib.Path) -> dict[str, Any]:
     """Writes the merged report of finished parts into `workdir`.
 
     Returns:
-        The summary (reporting.summarise of the merged metrics).
+        The summary (run_report.summarise of the merged metrics).
 
     Raises:
         ValueError: naming the parts that have not finished.
@@ -412,7 +413,7 @@ def _merge_locked(parts: list[Part], workdir: pathlib.Path) -> dict[str, Any]:
     tensorboard_dir = workdir / reporting.TENSORBOARD_DIRNAME
     shutil.rmtree(tensorboard_dir, ignore_errors=True)  # Rebuilt whole, not appended.
     write_tensorboard(metrics_path, tensorboard_dir)
-    summary = reporting.write_report(workdir, metrics_path)
+    summary = run_report.write_report(workdir, metrics_path)
     reporting.save_resolved_config(workdir, merged_config(parts, workdir))
     adapters = workdir / "adapters"
     for part in parts:

@@ -6,8 +6,8 @@ The host rule of SPEC.md section 4 is
 jit with a deterministic finite automaton (DFA) over tokens, built on the
 host by ``build_action_matcher``; see its docstring for why it is exact.
 
-Axis letters (docs/ARCHITECTURE.md): V tokenizer vocabulary, R generated
-(response) tokens; the automaton's states and token classes are written out.
+Axis letters (docs/ARCHITECTURE.md): V tokenizer vocabulary, A answer
+(generated) tokens; the automaton's states and token classes are written out.
 """
 
 from collections.abc import Sequence
@@ -87,7 +87,7 @@ def match_actions(matcher: ActionMatcher, ids: jax.Array) -> jax.Array:
     Args:
         matcher: from ``build_action_matcher`` for the same tokenizer and
             actions.
-        ids: integer [..., L] generated token ids in [0, model vocab);
+        ids: integer [..., A] generated token ids in [0, model vocab);
             ids the tokenizer does not know are skipped as its decode skips
             them (negative ids are outside the contract).
 
@@ -96,9 +96,7 @@ def match_actions(matcher: ActionMatcher, ids: jax.Array) -> jax.Array:
     """
     ids = jnp.asarray(ids)
     if ids.ndim < 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(
-            f"ids must be an integer array [..., R], got dtype {ids.dtype} "
-            f"and shape {ids.shape}")
+        validation.fail("ids", f"<{ids.dtype} array of shape {ids.shape}>", "an integer array [..., A]")
     token_classes = jnp.take(matcher.token_class, ids, axis=0, mode="clip")
 
     def advance(states, classes_now):
@@ -388,8 +386,8 @@ def build_action_matcher(tokenizer, actions: Sequence[str], gen_len: int
     tests check thousands more). The rule "decoded text .strip() equals an
     action" is then a regular language over bytes (``_byte_dfa``). Running
     each token's bytes through the byte DFA from every state gives a token
-    DFA with the same verdict on every id sequence of any length R, without
-    enumerating V^R sequences. Tokens are grouped into classes with equal
+    DFA with the same verdict on every id sequence of any length A, without
+    enumerating V^A sequences. Tokens are grouped into classes with equal
     transition columns: every token holding a byte outside the language's
     alphabet goes to the dead state from every state, so only the few tokens
     made of whitespace and action bytes are run through the DFA.
@@ -403,7 +401,7 @@ def build_action_matcher(tokenizer, actions: Sequence[str], gen_len: int
         actions: the legal action strings (index i is action i).
         gen_len: number of generated tokens; sets the length of the sample
             sequences checked at build time (the matcher itself accepts any
-            R).
+            A).
 
     Returns:
         The matcher.

@@ -39,10 +39,10 @@ import numpy as np
 
 from moraljax import config_lib
 from moraljax import games
-from moraljax import reporting
 from moraljax import workdir as workdir_lib
 from moraljax.output import markdown
 from moraljax.output import names
+from moraljax.output import run_report
 
 REPORT_FILENAME = "report.md"
 REPORT_JSON = "report.json"
@@ -191,7 +191,7 @@ class ProgramResults:
         columns = self.columns
         group = np.asarray(names.group_labels(columns["condition"], columns["player"])) == label
         rows = group & (columns["episode"] >= first) & (columns["episode"] <= last)
-        return reporting.action_shares(columns, rows)
+        return run_report.action_shares(columns, rows)
 
     def eval_variants(self) -> list[tuple[str, str]]:
         """(actions label, table order) of the tests checked: the main one, then
@@ -217,7 +217,7 @@ def read_program(workdir: pathlib.Path, name: str, cfg: config_lib.ExperimentCon
         name=name,
         cfg=cfg,
         summary=json.loads((directory / "summary.json").read_text()),
-        columns=reporting.read_metrics(directory / "metrics.csv"),
+        columns=run_report.read_metrics(directory / "metrics.csv"),
         evaluation=json.loads((directory / evaluate.EVALUATION_DIRNAME / "evaluation.json").read_text()),
     )
 

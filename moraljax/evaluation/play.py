@@ -25,7 +25,7 @@ averaged over a model's decisions, then over runs (seeds) with the 95% CI
 
 Axis letters (docs/ARCHITECTURE.md): M models, E episodes (or beyond-matrix
 samples), B decisions per episode, P prompts per table (16), T prompt
-tokens, R generated tokens.
+tokens, A answer (generated) tokens.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Answers:
 
     Attributes:
         action: int32 [E], 0 = C, 1 = D, -1 = illegal.
-        tokens: int32 [E, R] generated ids.
+        tokens: int32 [E, A] generated ids.
         prompt_index: int32 [E], the prompt's row in its table.
     """
 
@@ -74,7 +74,7 @@ class EvalDecisions:
 
     Attributes:
         prompt_index: int32, row of the prompt table shown.
-        tokens: int32 [..., R] generated ids.
+        tokens: int32 [..., A] generated ids.
         action: int32 parsed action (0 = C, 1 = D, -1 = illegal).
         opponent_action: int32 O's move.
         prev_m, prev_o: int32, the state shown in the prompt.

@@ -7,7 +7,7 @@ strings action3/action4:
 
     for each game and prompt variant:
         E = 10 episodes x B = 5 sequential decisions = 50 decisions per model
-        state (M's, O's previous move) -> prompt -> M samples R tokens
+        state (M's, O's previous move) -> prompt -> M samples A tokens
         -> exact parse -> O's move from the fixed protocol -> regrets
         -> next state (M's move only if legal, O's always)
 
@@ -35,7 +35,7 @@ the base's random numbers) and t the test's name, e.g.
 "IPD|action3/action4|original" or "beyond|action_only" (`evaluation.play`).
 
 Axis letters (docs/ARCHITECTURE.md): E episodes of a test (or beyond-matrix
-samples), B decisions per episode, R generated tokens.
+samples), B decisions per episode, A answer (generated) tokens.
 """
 
 from __future__ import annotations

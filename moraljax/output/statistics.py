@@ -12,14 +12,14 @@ Z_95 = 1.96
 def mean_and_ci95(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean over runs and the half-width of its 95% confidence interval.
 
-        mean = sum_r x_r / R,   ci = 1.96 * sd(x, ddof=1) / sqrt(R)
+        mean = sum_r x_r / runs,   ci = 1.96 * sd(x, ddof=1) / sqrt(runs)
 
     as in the paper's plots and tables (SPEC.md section 8); ci = 0 where only
     one run has a value. NaN entries (a run without that episode) are left
-    out of both, so R counts the runs present.
+    out of both, so `runs` counts those present.
 
     Args:
-        values: float [R, ...], runs on axis 0.
+        values: float [runs, ...].
 
     Returns:
         (mean, ci), each float [...]; NaN where no run has a value.

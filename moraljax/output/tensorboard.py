@@ -43,7 +43,7 @@ def scalars_per_row(columns: Mapping[str, np.ndarray]) -> dict[tuple[str, str], 
     """The scalars of every metrics.csv row, by (section, name).
 
     Args:
-        columns: metrics.csv columns [rows] (``reporting.read_metrics``, or a
+        columns: metrics.csv columns [rows] (``run_report.read_metrics``, or a
             chunk's rows before they are written); every column that is not a
             known metric is a PPO diagnostic.
 
