@@ -30,11 +30,11 @@ import dataclasses
 
 import ml_collections
 
-from moraljax import evaluate
+from moraljax.evaluation import protocol
 
 
 def get_config(arg=None):
-    config = ml_collections.ConfigDict(dataclasses.asdict(evaluate.EvalSettings()))
+    config = ml_collections.ConfigDict(dataclasses.asdict(protocol.EvalSettings()))
     config.workdir = arg or ""
     config.out_dir = ""
     return config

@@ -40,7 +40,7 @@ OPPONENTS = {"vs_tft": "tft", "vs_llm": "llm"}
 
 
 def get_config(arg=None):
-    from moraljax import evaluate
+    from moraljax.evaluation import protocol
 
     variant = config_lib.parse_variant(
         arg, defaults={"model": config_lib.TINY_MODEL, "episodes": "1000"}, allowed={"model": None, "episodes": None})
@@ -59,4 +59,4 @@ def get_config(arg=None):
         ]
         programs[program] = config.to_dict()
     return ml_collections.ConfigDict(
-        {"programs": programs, "evaluation": dataclasses.asdict(evaluate.EvalSettings())}, type_safe=False)
+        {"programs": programs, "evaluation": dataclasses.asdict(protocol.EvalSettings())}, type_safe=False)

@@ -45,7 +45,6 @@ from typing import Any
 
 from absl import app
 from absl import flags
-import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # Run as a script from a source checkout.
@@ -53,6 +52,11 @@ if str(ROOT) not in sys.path:  # Run as a script from a source checkout.
 
 from moraljax import config_lib  # noqa: E402
 from moraljax import reporting  # noqa: E402
+from moraljax import validation  # noqa: E402
+from moraljax.output import csv_files  # noqa: E402
+from moraljax.output import names  # noqa: E402
+from moraljax.output import run_report  # noqa: E402
+from moraljax.output import tensorboard  # noqa: E402
 from moraljax import workdir as workdir_lib  # noqa: E402
 
 PLAN_FILENAME = "sweep.json"
@@ -172,7 +176,7 @@ def plan_sweep(
     """
     if not configs:
         raise ValueError("configs=[] is not allowed; expected at least one --config.")
-    config_lib.check_positive_int("learners_per_program", learners_per_program)
+    validation.check_positive_int("learners_per_program", learners_per_program)
     if seeds is not None:
         seeds = tuple(seeds)
         config_lib.RunSettings(seeds=seeds)  # Validates them like run.seeds.
@@ -268,7 +272,7 @@ def run_parts(
     Raises:
         RuntimeError: naming every part that failed, with its log's tail.
     """
-    config_lib.check_positive_int("jobs", jobs)
+    validation.check_positive_int("jobs", jobs)
     pending = [p for p in parts if not is_finished(workdir, p)]
     for part in parts:
         if part not in pending:
@@ -327,13 +331,13 @@ def merge_metrics(parts: Sequence[Part], workdir: pathlib.Path) -> pathlib.Path:
         with path.open(newline="") as handle:
             rows = list(csv.reader(handle))
         tables.append((part, rows[0], rows[1:]))
-    with_opponent = any(reporting.OPPONENT_ILLEGAL_COLUMN in header for _, header, _ in tables)
+    with_opponent = any(names.OPPONENT_ILLEGAL_COLUMN in header for _, header, _ in tables)
     merged_header = None
     merged = []
     for part, header, rows in tables:
-        if with_opponent and reporting.OPPONENT_ILLEGAL_COLUMN not in header:
-            at = header.index(reporting.COUNT_COLUMNS[-1]) + 1
-            header = header[:at] + [reporting.OPPONENT_ILLEGAL_COLUMN] + header[at:]
+        if with_opponent and names.OPPONENT_ILLEGAL_COLUMN not in header:
+            at = header.index(names.COUNT_COLUMNS[-1]) + 1
+            header = header[:at] + [names.OPPONENT_ILLEGAL_COLUMN] + header[at:]
             rows = [row[:at] + ["0"] + row[at:] for row in rows]
         if merged_header is None:
             merged_header = header
@@ -350,10 +354,7 @@ def merge_metrics(parts: Sequence[Part], workdir: pathlib.Path) -> pathlib.Path:
     episode, learner = merged_header.index("episode"), merged_header.index("learner")
     merged.sort(key=lambda row: (int(row[episode]), int(row[learner])))
     path = workdir / reporting.METRICS_FILENAME
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(merged_header)
-        writer.writerows(merged)
+    csv_files.write_rows(path, merged_header, merged)
     return path
 
 
@@ -361,43 +362,13 @@ def write_tensorboard(metrics_path: pathlib.Path, directory: pathlib.Path) -> No
     """The TensorBoard scalars RunWriter writes, rebuilt from metrics.csv.
 
     Per group (condition[/player]) and episode, the mean over the group's
-    learners of: action_share/<type> = n_<type> / decisions,
-    action_share/illegal, action_share/opponent_illegal (LLM opponents),
-    reward/<key>, regret/<key> and ppo/<diagnostic>.
+    learners of every scalar of ``moraljax.output.tensorboard``.
     """
     import tensorboardX
 
-    columns = reporting.read_metrics(metrics_path)
-    counts = np.stack([columns[c] for c in reporting.COUNT_COLUMNS], axis=-1).astype(np.float64)
-    decisions = counts.sum(-1)
-    values = {("action_share", name): counts[:, t] / decisions
-              for t, name in enumerate(reporting.ACTION_TYPE_NAMES)}
-    values[("action_share", "illegal")] = columns["illegal_share"]
-    if reporting.OPPONENT_ILLEGAL_COLUMN in columns:
-        values[("action_share", "opponent_illegal")] = columns[reporting.OPPONENT_ILLEGAL_COLUMN] / decisions
-    for key in reporting.REWARD_KEYS:
-        values[("reward", key)] = columns[key]
-    for key in reporting.REGRET_KEYS:
-        values[("regret", key)] = columns[key]
-    known = set(reporting.METADATA_COLUMNS) | set(reporting.COUNT_COLUMNS) | {
-        reporting.OPPONENT_ILLEGAL_COLUMN, "illegal_share", *reporting.REWARD_KEYS, *reporting.REGRET_KEYS}
-    for key in sorted(set(columns) - known):
-        values[("ppo", key)] = columns[key]
-    labels = np.asarray(reporting.group_labels(columns["condition"], columns["player"]))
     writer = tensorboardX.SummaryWriter(logdir=str(directory), flush_secs=10**6, max_queue=10**6)
     try:
-        for label in dict.fromkeys(labels.tolist()):
-            # Row indices of each episode of the group, found once (in row
-            # order, so each mean sums the same values as a mask would).
-            members = np.flatnonzero(labels == label)
-            member_episodes = columns["episode"][members]
-            order = np.argsort(member_episodes, kind="stable")
-            episodes, starts = np.unique(member_episodes[order], return_index=True)
-            episode_rows = np.split(members[order], starts[1:])
-            for (section, name), value in values.items():
-                tag = reporting.tensorboard_tag(label, section, name)
-                for episode, rows in zip(episodes, episode_rows):
-                    writer.add_scalar(tag, float(np.mean(value[rows])), global_step=int(episode))
+        tensorboard.write_group_means(writer, run_report.read_metrics(metrics_path))
     finally:
         writer.close()
 
@@ -424,7 +395,7 @@ def merge(parts: Sequence[Part], workdir: pathlib.Path) -> dict[str, Any]:
     """Writes the merged report of finished parts into `workdir`.
 
     Returns:
-        The summary (reporting.summarise of the merged metrics).
+        The summary (run_report.summarise of the merged metrics).
 
     Raises:
         ValueError: naming the parts that have not finished.
@@ -442,7 +413,7 @@ def _merge_locked(parts: list[Part], workdir: pathlib.Path) -> dict[str, Any]:
     tensorboard_dir = workdir / reporting.TENSORBOARD_DIRNAME
     shutil.rmtree(tensorboard_dir, ignore_errors=True)  # Rebuilt whole, not appended.
     write_tensorboard(metrics_path, tensorboard_dir)
-    summary = reporting.write_report(workdir, metrics_path)
+    summary = run_report.write_report(workdir, metrics_path)
     reporting.save_resolved_config(workdir, merged_config(parts, workdir))
     adapters = workdir / "adapters"
     for part in parts:

@@ -2,10 +2,20 @@
 
 Only what training changes is saved (LoRA factors, value heads, Adam state,
 score moments, KL controllers, episode counters, keys): the frozen base is
-re-read from its own files. Leaves are stored under flat names and restored
-into a template's structure and shardings, so a checkpoint restores onto any
-mesh. Orbax writes to a temporary directory and renames it when complete, so
-a run killed mid-save leaves the previous checkpoint intact; with several
+re-read from its own files. Every leaf is stored under the name of its tree
+path (e.g. ``kl.beta``, ``opt_state.0.mu.value_head.kernel.value``) and
+restored into a template of the run's state: arrays, or abstract
+``jax.ShapeDtypeStruct`` leaves with shardings (``jax.eval_shape``), so a
+checkpoint restores onto any mesh, already sharded. A checkpoint whose names,
+shapes or dtypes differ from the template was written by another config or
+another version of the code: it is refused with `CheckpointMismatchError`,
+naming the first difference, and left where it is. Checkpoints written before
+names were used (leaves ``leaf_00000``, ``leaf_00001``, ... in the order of
+``jax.tree.leaves``) are read by position, checked the same way, and written
+back under names at the next save.
+
+Orbax writes to a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoint intact; with several
 processes every process calls save/restore and orbax coordinates them.
 
 A newest step that cannot be read (truncated files, a missing item, an
@@ -17,6 +27,7 @@ falls back to the next newest step.
 from __future__ import annotations
 
 import pathlib
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,14 +38,105 @@ from etils import epath
 
 STATE_ITEM = "state"
 META_ITEM = "meta"
+# Leaf names of the positional format (checkpoints written before tree paths).
+_POSITIONAL_NAME = re.compile(r"leaf_\d{5}")
+
+Path = tuple[str, ...]
 
 
 class CheckpointError(ValueError):
     """No checkpoint of a run can be read."""
 
 
-def _flat_dict(tree: Any) -> dict[str, Any]:
-    return {f"leaf_{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's leaves differ from the run's state (names, shapes or dtypes)."""
+
+
+def _entry_name(entry: Any) -> str:
+    """The name of one step of a tree path (attribute, dict key or sequence index)."""
+    for attribute in ("name", "key", "idx"):
+        if hasattr(entry, attribute):
+            return str(getattr(entry, attribute))
+    raise TypeError(f"tree path entry {entry!r} has no name, key or index")
+
+
+def leaf_paths(tree: Any) -> list[tuple[Path, Any]]:
+    """(path, leaf) of every leaf, in ``jax.tree.leaves`` order; a path is its names.
+
+    Raises:
+        ValueError: two leaves with the same names (a tree orbax could not
+            store by name).
+    """
+    leaves = [(tuple(_entry_name(e) for e in path), leaf)
+              for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    paths = [path for path, _ in leaves]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"tree leaves share names: {sorted(p for p in paths if paths.count(p) > 1)[:3]}")
+    return leaves
+
+
+def _nested(leaves: list[tuple[Path, Any]]) -> dict[str, Any]:
+    """Nested dicts keyed by path names: what orbax stores (one array per path)."""
+    root: dict[str, Any] = {}
+    for path, leaf in leaves:
+        node = root
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = leaf
+    return root
+
+
+def _from_nested(tree: Any, paths: list[Path]) -> list[Any]:
+    """The leaves of `tree` (nested dicts) at `paths`, in that order."""
+    leaves = []
+    for path in paths:
+        node = tree
+        for name in path:
+            node = node[name]
+        leaves.append(node)
+    return leaves
+
+
+def _dotted(path: Path) -> str:
+    return ".".join(path)
+
+
+def _describe(shape, dtype) -> str:
+    return f"shape {tuple(shape)} {jax.numpy.dtype(dtype).name}"
+
+
+def _first_difference(saved: dict[Path, tuple[Any, Any]], wanted: list[tuple[Path, Any]]) -> str | None:
+    """The first leaf that differs between a checkpoint and the run's state, in words; None if none."""
+    for path, leaf in wanted:
+        if path not in saved:
+            return f"the checkpoint has no leaf {_dotted(path)} ({_describe(leaf.shape, leaf.dtype)} in this run)"
+        shape, dtype = saved[path]
+        if tuple(shape) != tuple(leaf.shape) or jax.numpy.dtype(dtype) != jax.numpy.dtype(leaf.dtype):
+            return (f"leaf {_dotted(path)} has {_describe(shape, dtype)} in the checkpoint, "
+                    f"{_describe(leaf.shape, leaf.dtype)} in this run")
+    extra = [path for path in saved if path not in dict(wanted)]
+    if extra:
+        return f"the checkpoint has a leaf {_dotted(extra[0])} that this run's state does not have"
+    return None
+
+
+def _positional_difference(saved: dict[Path, tuple[Any, Any]], wanted: list[tuple[Path, Any]]) -> str | None:
+    """As `_first_difference`, for a checkpoint of leaves stored by position."""
+    if len(saved) != len(wanted):
+        return (f"the checkpoint holds {len(saved)} leaves (stored by position), this run's state "
+                f"{len(wanted)}")
+    for index, (path, leaf) in enumerate(wanted):
+        shape, dtype = saved[(f"leaf_{index:05d}",)]
+        if tuple(shape) != tuple(leaf.shape) or jax.numpy.dtype(dtype) != jax.numpy.dtype(leaf.dtype):
+            return (f"leaf {index} (stored by position; {_dotted(path)} in this run) has "
+                    f"{_describe(shape, dtype)} in the checkpoint, {_describe(leaf.shape, leaf.dtype)} in this run")
+    return None
+
+
+def abstract_state(template: Any) -> Any:
+    """ShapeDtypeStructs (with the shardings the leaves have) of a state or of `jax.eval_shape`'s output."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), template)
 
 
 class Checkpointer:
@@ -53,7 +155,9 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=self.max_to_keep, create=True, cleanup_tmp_directories=True),
-            item_names=(STATE_ITEM, META_ITEM),
+            # Handlers named up front, so a step's metadata (its leaves'
+            # names and shapes) reads before anything is restored.
+            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()},
         )
 
     def all_steps(self) -> list[int]:
@@ -65,12 +169,12 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Writes `state` (any pytree of arrays) and JSON metadata at `step`."""
+        """Writes `state` (any pytree of arrays), leaves named by tree path, and JSON metadata at `step`."""
         self._manager.save(
             step,
             args=ocp.args.Composite(
                 **{
-                    STATE_ITEM: ocp.args.StandardSave(_flat_dict(state)),
+                    STATE_ITEM: ocp.args.StandardSave(_nested(leaf_paths(state))),
                     META_ITEM: ocp.args.JsonSave(meta),
                 }
             ),
@@ -78,37 +182,72 @@ class Checkpointer:
         )
         self._manager.wait_until_finished()
 
+    def saved_leaves(self, step: int) -> dict[Path, tuple[tuple[int, ...], Any]]:
+        """{path: (shape, dtype)} of every leaf the checkpoint at `step` holds.
+
+        Raises:
+            FileNotFoundError: the step has no readable state item.
+        """
+        metadata = self._manager.item_metadata(step)
+        state = None if metadata is None or STATE_ITEM not in metadata.keys() else metadata[STATE_ITEM]
+        if state is None:
+            raise FileNotFoundError(f"step {step} in {self.directory} has no readable '{STATE_ITEM}' item")
+        return {path: (tuple(leaf.shape), leaf.dtype) for path, leaf in leaf_paths(state)}
+
     def restore(self, step: int, template: Any) -> tuple[Any, dict[str, Any]]:
         """Reads the checkpoint at `step` into the structure of `template`.
 
         Args:
             step: a saved step.
-            template: a pytree of arrays (or ShapeDtypeStructs with shardings)
-                with the saved structure; leaves are placed on its shardings.
+            template: the run's state: arrays, or ShapeDtypeStructs with
+                shardings (e.g. from ``jax.eval_shape``); leaves are placed on
+                its shardings.
 
         Returns:
             (state, meta).
+
+        Raises:
+            CheckpointMismatchError: the checkpoint's leaf names, shapes or
+                dtypes differ from the template's (the first difference is
+                named).
+            Exception: whatever orbax raises for a checkpoint it cannot read.
         """
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-            template,
-        )
+        wanted = leaf_paths(abstract_state(template))
+        saved = self.saved_leaves(step)
+        positional = bool(saved) and all(len(p) == 1 and _POSITIONAL_NAME.fullmatch(p[0]) for p in saved)
+        if positional:
+            difference = _positional_difference(saved, wanted)
+            target = {f"leaf_{index:05d}": leaf for index, (_, leaf) in enumerate(wanted)}
+        else:
+            difference = _first_difference(saved, wanted)
+            target = _nested(wanted)
+        if difference is not None:
+            raise CheckpointMismatchError(
+                f"the checkpoint at episode {step} in {self.directory} does not match this run's state: "
+                f"{difference}. It was written by another config or another version of the code; nothing was"
+                " changed. Use another --workdir, or the config and code that wrote it.")
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
                 **{
-                    STATE_ITEM: ocp.args.StandardRestore(_flat_dict(abstract)),
+                    STATE_ITEM: ocp.args.StandardRestore(target),
                     META_ITEM: ocp.args.JsonRestore(),
                 }
             ),
         )
         flat = restored[STATE_ITEM]
-        leaves = [flat[f"leaf_{i:05d}"] for i in range(len(flat))]
+        if positional:
+            leaves = [flat[f"leaf_{index:05d}"] for index in range(len(wanted))]
+        else:
+            leaves = _from_nested(flat, [path for path, _ in wanted])
         return jax.tree.unflatten(jax.tree.structure(template), leaves), restored[META_ITEM]
 
     def restore_latest(self, template: Any, *, is_writer: bool = True,
                        say: Callable[[str], None] = print) -> tuple[int, Any]:
         """Restores the newest step that reads, moving unreadable newer ones aside.
+
+        A step that reads but does not match the template is not unreadable:
+        it is refused (`CheckpointMismatchError`) and nothing is moved.
 
         Args:
             template: as for `restore`.
@@ -121,12 +260,16 @@ class Checkpointer:
 
         Raises:
             CheckpointError: checkpoints exist but none can be read.
+            CheckpointMismatchError: the newest readable step does not match
+                the template.
         """
         moved = []
         while (step := self.latest_step()) is not None:
             try:
                 state, _ = self.restore(step, template)
                 return step, state
+            except CheckpointMismatchError:
+                raise
             except Exception as error:  # Any failure to read means: try the older step.
                 reason = " ".join(str(error).split())[:300] or type(error).__name__
                 aside = self._move_aside(step, is_writer)

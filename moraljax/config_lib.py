@@ -20,21 +20,7 @@ from moraljax import games
 from moraljax import opponents
 from moraljax import prompts
 from moraljax import rewards
-from moraljax.validation import check_choice, check_finite, check_int, check_positive_int, fail  # noqa: F401
-
-
-def check_action_pair(field: str, value: Any) -> tuple[str, str]:
-    """Two action strings (C's first) as a tuple, or a clear error.
-
-    The prompt renderer refuses blanks around an action string too; checking
-    here refuses them before any model is loaded.
-    """
-    if isinstance(value, str) or not isinstance(value, (tuple, list)) or len(value) != 2:
-        fail(field, value, "two action strings, C's first")
-    pair = tuple(value)
-    if not all(isinstance(a, str) and a and a == a.strip() for a in pair) or pair[0] == pair[1]:
-        fail(field, value, "two different non-empty strings without surrounding blanks")
-    return pair
+from moraljax import validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +30,7 @@ class GameSettings:
     name: str = "IPD"
 
     def __post_init__(self):
-        check_choice("game", self.name, games.GAME_NAMES)
+        validation.check_choice("game", self.name, games.GAME_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +40,7 @@ class OpponentSettings:
     name: str = "tft"
 
     def __post_init__(self):
-        check_choice("opponent", self.name, opponents.OPPONENT_NAMES)
+        validation.check_choice("opponent", self.name, opponents.OPPONENT_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,15 +67,15 @@ class RewardSettings:
     beta: float = rewards.VIRTUE_MIXED_BETA
 
     def __post_init__(self):
-        check_choice("reward.name", self.name, rewards.REWARD_NAMES)
+        validation.check_choice("reward.name", self.name, rewards.REWARD_NAMES)
         if self.switch_to:
-            check_choice("reward.switch_to", self.switch_to, rewards.REWARD_NAMES)
-            check_positive_int("reward.switch_episode", self.switch_episode)
-        check_finite("reward.xi", self.xi)
-        check_finite("reward.illegal_penalty", self.illegal_penalty)
-        check_finite("reward.beta", self.beta)
+            validation.check_choice("reward.switch_to", self.switch_to, rewards.REWARD_NAMES)
+            validation.check_positive_int("reward.switch_episode", self.switch_episode)
+        validation.check_finite("reward.xi", self.xi)
+        validation.check_finite("reward.illegal_penalty", self.illegal_penalty)
+        validation.check_finite("reward.beta", self.beta)
         if self.xi == 0 and "virtue_mixed" in (self.name, self.switch_to):
-            fail("reward.xi", self.xi, "a nonzero number with virtue_mixed (it divides kindness)")
+            validation.fail("reward.xi", self.xi, "a nonzero number with virtue_mixed (it divides kindness)")
 
     def specs(self) -> tuple[rewards.RewardSpec, rewards.RewardSpec]:
         """The reward before and after the switch (the same when no switch)."""
@@ -112,7 +98,7 @@ class Condition:
     opponent: str
 
     def __post_init__(self):
-        check_choice("opponent", self.opponent, opponents.OPPONENT_NAMES)
+        validation.check_choice("opponent", self.opponent, opponents.OPPONENT_NAMES)
 
     @property
     def players(self) -> int:
@@ -135,17 +121,17 @@ def parse_composition(text: str) -> tuple[tuple[str, int], ...]:
     allowed = ("'type:count,...' with types from " + ", ".join(rewards.REWARD_NAMES)
                + ", each once, counts >= 1 and an even total >= 2")
     if not isinstance(text, str):
-        fail("population.composition", text, allowed)
+        validation.fail("population.composition", text, allowed)
     parts = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, count = (piece.strip() for piece in item.partition(":"))
         if not sep or name not in rewards.REWARD_NAMES or not count.isdigit() or int(count) < 1:
-            fail("population.composition", text, allowed)
+            validation.fail("population.composition", text, allowed)
         parts.append((name, int(count)))
     names = [name for name, _ in parts]
     total = sum(count for _, count in parts)
     if len(set(names)) != len(names) or total < 2 or total % 2:
-        fail("population.composition", text, allowed)
+        validation.fail("population.composition", text, allowed)
     return tuple(parts)
 
 
@@ -168,7 +154,7 @@ class PopulationSettings:
     def __post_init__(self):
         if self.composition:
             parse_composition(self.composition)
-        check_choice("population.matching", self.matching, MATCHING_RULES)
+        validation.check_choice("population.matching", self.matching, MATCHING_RULES)
 
     def members(self) -> tuple[str, ...]:
         """The type (reward name) of every member, in composition order."""
@@ -185,24 +171,8 @@ class PromptSettings:
     table_order: str = "original"
 
     def __post_init__(self):
-        object.__setattr__(self, "actions", check_action_pair("prompt.actions", self.actions))
-        check_choice("prompt.table_order", self.table_order, prompts.TABLE_ORDERS)
-
-
-def settings_from_dict(cls, values: Any, prefix: str):
-    """Builds dataclass `cls` from a mapping, refusing unknown keys."""
-    values = dict(values)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(
-                f"unknown field(s) {', '.join(prefix + k for k in unknown)}; allowed:"
-                f" {', '.join(prefix + n for n in sorted(names))}."
-        )
-    for key, value in values.items():
-        if isinstance(value, list):
-            values[key] = tuple(value)
-    return cls(**values)
+        object.__setattr__(self, "actions", validation.check_action_pair("prompt.actions", self.actions))
+        validation.check_choice("prompt.table_order", self.table_order, prompts.TABLE_ORDERS)
 
 
 def to_plain(config: ml_collections.ConfigDict | dict) -> dict:
@@ -216,6 +186,24 @@ def to_plain(config: ml_collections.ConfigDict | dict) -> dict:
 
 
 PARAM_DTYPES = ("float32", "bfloat16")
+
+
+def check_sampling(prefix: str, temperature: Any, top_k: Any, top_p: Any) -> None:
+    """Refuses sampling settings the sampler cannot use (training and evaluation alike).
+
+    Args:
+        prefix: written before the field names, e.g. "model.".
+        temperature: must be a finite number > 0.
+        top_k: an integer >= 0 (0 = off).
+        top_p: a number in (0, 1] (1 = off).
+    """
+    validation.check_finite(prefix + "temperature", temperature)
+    if temperature <= 0:
+        validation.fail(prefix + "temperature", temperature, "a number > 0")
+    validation.check_int(prefix + "top_k", top_k, 0)
+    validation.check_finite(prefix + "top_p", top_p)
+    if not 0 < top_p <= 1:
+        validation.fail(prefix + "top_p", top_p, "a number in (0, 1] (1 = off)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,21 +237,13 @@ class ModelSettings:
     remat: str = "auto"
 
     def __post_init__(self):
-        check_choice("model.param_dtype", self.param_dtype, PARAM_DTYPES)
-        check_choice("model.remat", self.remat, ("auto", "none", "dots", "full"))
-        check_finite("model.temperature", self.temperature)
-        if self.temperature <= 0:
-            fail("model.temperature", self.temperature, "a number > 0")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            fail("model.top_k", self.top_k, "an integer >= 0 (0 = off)")
-        check_finite("model.top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            fail("model.top_p", self.top_p, "a number in (0, 1] (1 = off)")
-        if isinstance(self.gen_len, bool) or not isinstance(self.gen_len, int) or self.gen_len < 0:
-            fail("model.gen_len", self.gen_len, "an integer >= 0 (0 = action length)")
-        check_finite("model.value_head_dropout", self.value_head_dropout)
+        validation.check_choice("model.param_dtype", self.param_dtype, PARAM_DTYPES)
+        validation.check_choice("model.remat", self.remat, ("auto", "none", "dots", "full"))
+        check_sampling("model.", self.temperature, self.top_k, self.top_p)
+        validation.check_int("model.gen_len", self.gen_len, 0)
+        validation.check_finite("model.value_head_dropout", self.value_head_dropout)
         if not 0 <= self.value_head_dropout < 1:
-            fail("model.value_head_dropout", self.value_head_dropout, "a number in [0, 1)")
+            validation.fail("model.value_head_dropout", self.value_head_dropout, "a number in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,17 +268,17 @@ class RunSettings:
     checkpoint_every: int = 100
 
     def __post_init__(self):
-        check_positive_int("run.batch_size", self.batch_size)
-        check_positive_int("run.num_episodes", self.num_episodes)
-        check_positive_int("run.episodes_per_chunk", self.episodes_per_chunk)
-        check_positive_int("run.checkpoint_every", self.checkpoint_every)
+        validation.check_positive_int("run.batch_size", self.batch_size)
+        validation.check_positive_int("run.num_episodes", self.num_episodes)
+        validation.check_positive_int("run.episodes_per_chunk", self.episodes_per_chunk)
+        validation.check_positive_int("run.checkpoint_every", self.checkpoint_every)
         seeds = tuple(self.seeds) if isinstance(self.seeds, (list, tuple)) else self.seeds
         if not isinstance(seeds, tuple) or not seeds:
-            fail("run.seeds", self.seeds, "a non-empty list of integers")
+            validation.fail("run.seeds", self.seeds, "a non-empty list of integers")
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-            fail("run.seeds", self.seeds, "integers >= 0")
+            validation.fail("run.seeds", self.seeds, "integers >= 0")
         if len(set(seeds)) != len(seeds):
-            fail("run.seeds", self.seeds, "distinct integers")
+            validation.fail("run.seeds", self.seeds, "distinct integers")
         object.__setattr__(self, "seeds", seeds)
 
 
@@ -317,8 +297,8 @@ class MeshSettings:
         if isinstance(self.data, bool) or not isinstance(self.data, int) or (
             self.data < 1 and self.data != -1
         ):
-            fail("mesh.data", self.data, "a positive integer or -1 (all devices)")
-        check_positive_int("mesh.model", self.model)
+            validation.fail("mesh.data", self.data, "a positive integer or -1 (all devices)")
+        validation.check_positive_int("mesh.model", self.model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,11 +325,11 @@ class ExperimentConfig:
     def __post_init__(self):
         self.ppo.mini_batch_size(self.run.batch_size)  # raises if it does not divide
         if self.population.composition and self.conditions:
-            fail("conditions", [c.name for c in self.conditions],
+            validation.fail("conditions", [c.name for c in self.conditions],
                  "none with population.composition (a population's conditions are its types)")
         names = [condition.name for condition in self.all_conditions()]
         if len(set(names)) != len(names):
-            fail("conditions", names, "distinct conditions (reward schedule and opponent)")
+            validation.fail("conditions", names, "distinct conditions (reward schedule and opponent)")
 
     def all_conditions(self) -> tuple[Condition, ...]:
         """The conditions trained: `conditions`, or the one of reward/opponent."""
@@ -359,17 +339,19 @@ class ExperimentConfig:
 def _conditions_from(values: Any) -> tuple[Condition, ...]:
     """Parses the `conditions` section: [{"reward": {...} | name, "opponent": name}, ...]."""
     if not isinstance(values, (list, tuple)):
-        fail("conditions", values, "a list of {reward: ..., opponent: ...} entries")
+        validation.fail("conditions", values, "a list of {reward: ..., opponent: ...} entries")
     conditions = []
     for index, item in enumerate(values):
         prefix = f"conditions[{index}]."
         if not isinstance(item, dict) or set(item) != {"reward", "opponent"}:
-            fail(f"conditions[{index}]", item, "a dict with exactly the keys reward and opponent")
+            validation.fail(f"conditions[{index}]", item, "a dict with exactly the keys reward and opponent")
         reward = item["reward"]
         if isinstance(reward, str):
             reward = {"name": reward}
         conditions.append(Condition(
-            reward=settings_from_dict(RewardSettings, reward, prefix + "reward."), opponent=item["opponent"]))
+            reward=validation.settings_from_dict(RewardSettings, reward, prefix=prefix + "reward.",
+                                                 what="a field of reward"),
+            opponent=item["opponent"]))
     return tuple(conditions)
 
 
@@ -397,15 +379,14 @@ def experiment_from_config_dict(config: ml_collections.ConfigDict | dict) -> Exp
     }
     unknown = sorted(set(values) - set(sections) - {"conditions"})
     if unknown:
-        raise ValueError(
-            f"unknown config section(s) {unknown}; allowed: {sorted(sections) + ['conditions']}."
-        )
+        allowed = ", ".join(sorted(sections) + ["conditions"])
+        validation.fail(unknown[0], values[unknown[0]], f"a config section: {allowed}")
     built = {}
     for name, cls in sections.items():
         section = values.get(name, {})
         if isinstance(section, str):  # `config.game = "IPD"` shorthand.
             section = {"name": section}
-        built[name] = settings_from_dict(cls, section, f"{name}.")
+        built[name] = validation.settings_from_dict(cls, section, prefix=f"{name}.", what=f"a field of {name}")
     return ExperimentConfig(**built, conditions=_conditions_from(values.get("conditions", ())))
 
 
@@ -434,7 +415,7 @@ def parse_variant(arg: str | None, defaults: dict[str, str],
                 + ", ".join(f"{k}=" + ("|".join(v) if v else "...") for k, v in allowed.items())
             )
         if allowed[key] is not None and value not in allowed[key]:
-            fail(f"config variant {key}", value, "one of " + ", ".join(allowed[key]))
+            validation.fail(f"config variant {key}", value, "one of " + ", ".join(allowed[key]))
         result[key] = value
     return result
 
@@ -446,22 +427,15 @@ TINY_MODEL = "tiny"
 
 
 def tiny_model_overrides(config: ml_collections.ConfigDict) -> None:
-    """Hyperparameters for the built-in tiny model (see configs/ docstrings).
+    """Sets the built-in tiny model's hyperparameters on an experiment config, in place.
 
-    The paper's values suit a 2B model whose LoRA has millions of parameters.
-    The tiny base is a 64-wide toy with a rank-8 adapter: a larger learning
-    rate (1e-3) moves it within hundreds of episodes. The KL-regularised
-    optimum is pi ~ pi_ref * exp(A / beta) on normalised scores, so beta must
-    be small for a gap of about one normalised point to give >= 95% of one
-    action (at beta 0.2 the base's 50/50 split would hold a visible share of
-    the worse action); beta 0.05 does that while still anchoring the policy
-    to the base. A smaller beta (0.02) with lr 2e-3 learns faster but, once
-    every answer earns the same score, whitened advantages are pure noise and
-    Adam's unit-size steps can walk the policy into always-illegal answers,
-    from which constant -6 scores give no gradient back (seen in 1 of 5 seeds
-    after 900 episodes). Dropout is off: sampling then needs no dropout
-    masks and no dropout-free re-score of its answers (the update is one
-    dropout-free gradient either way, docs/PPO_SEMANTICS.md).
+    LoRA rank 8 (alpha 16), no LoRA or value-head dropout, PPO learning rate
+    1e-3 and an initial KL coefficient of 0.05 instead of the paper's values,
+    which suit a 2B model; docs/ARCHITECTURE.md ("The tiny model's
+    hyperparameters") records why these values and what the others did.
+
+    Args:
+        config: a ConfigDict with the sections of `ExperimentConfig`.
     """
     config.lora.rank = 8
     config.lora.alpha = 16.0

@@ -39,8 +39,10 @@ import numpy as np
 
 from moraljax import config_lib
 from moraljax import games
-from moraljax import reporting
 from moraljax import workdir as workdir_lib
+from moraljax.output import markdown
+from moraljax.output import names
+from moraljax.output import run_report
 
 REPORT_FILENAME = "report.md"
 REPORT_JSON = "report.json"
@@ -57,7 +59,7 @@ class Suite:
     """Validated suite: named training programs and the evaluation settings."""
 
     programs: tuple[tuple[str, config_lib.ExperimentConfig], ...]
-    evaluation: Any  # moraljax.evaluate.EvalSettings
+    evaluation: Any  # moraljax.evaluation.protocol.EvalSettings
 
 
 def is_suite_config(config: Mapping[str, Any]) -> bool:
@@ -71,7 +73,7 @@ def suite_from_config_dict(config: ml_collections.ConfigDict | Mapping[str, Any]
     Raises:
         ValueError: naming the first bad field, before anything is loaded.
     """
-    from moraljax import evaluate
+    from moraljax.evaluation import protocol
 
     values = config_lib.to_plain(config)
     unknown = sorted(set(values) - {"programs", "evaluation"})
@@ -91,7 +93,7 @@ def suite_from_config_dict(config: ml_collections.ConfigDict | Mapping[str, Any]
     # Programs against fixed opponents first (quicker, and the paper's main
     # results); ConfigDict keeps no insertion order to go by.
     built.sort(key=lambda item: (any(c.opponent == "llm" for c in item[1].all_conditions()), item[0]))
-    return Suite(programs=tuple(built), evaluation=evaluate.settings_from_dict(values.get("evaluation", {})))
+    return Suite(programs=tuple(built), evaluation=protocol.settings_from_dict(values.get("evaluation", {})))
 
 
 def _resolved(suite: Suite) -> dict[str, Any]:
@@ -189,16 +191,16 @@ class ProgramResults:
     def window_shares(self, label: str, first: int, last: int) -> dict[str, float]:
         """Action-type shares of a group in episodes first..last, pooled over runs."""
         columns = self.columns
-        group = np.asarray(reporting.group_labels(columns["condition"], columns["player"])) == label
+        group = np.asarray(names.group_labels(columns["condition"], columns["player"])) == label
         rows = group & (columns["episode"] >= first) & (columns["episode"] <= last)
-        return reporting.action_shares(columns, rows)
+        return run_report.action_shares(columns, rows)
 
     def eval_variants(self) -> list[tuple[str, str]]:
         """(actions label, table order) of the tests checked: the main one, then
-        each extra action pair (``evaluate.EvalSettings.variants``)."""
-        from moraljax import evaluate
+        each extra action pair (``protocol.EvalSettings.variants``)."""
+        from moraljax.evaluation import protocol
 
-        settings = evaluate.settings_from_dict(self.evaluation["settings"])
+        settings = protocol.settings_from_dict(self.evaluation["settings"])
         variants = settings.variants()
         checked = [variants[0]] + [v for v in variants if v.actions != settings.actions]
         return [(v.actions_label, v.table_order) for v in checked]
@@ -217,7 +219,7 @@ def read_program(workdir: pathlib.Path, name: str, cfg: config_lib.ExperimentCon
         name=name,
         cfg=cfg,
         summary=json.loads((directory / "summary.json").read_text()),
-        columns=reporting.read_metrics(directory / "metrics.csv"),
+        columns=run_report.read_metrics(directory / "metrics.csv"),
         evaluation=json.loads((directory / evaluate.EVALUATION_DIRNAME / "evaluation.json").read_text()),
     )
 
@@ -349,7 +351,7 @@ def training_findings(program: ProgramResults) -> list[Finding]:
 
 def _generalisation_checks(program: ProgramResults, variant: tuple[str, str]) -> list[Finding]:
     """The generalisation findings on one test variant (verdicts on its numbers)."""
-    from moraljax import evaluate
+    from moraljax.evaluation import protocol
 
     findings = []
     name = program.name
@@ -392,8 +394,8 @@ def _generalisation_checks(program: ProgramResults, variant: tuple[str, str]) ->
             "Ut cooperation " + ", ".join(f"{g} {_fmt(coop[g])}" for g in game_names)
             + "; Game defection " + ", ".join(f"{g} {_fmt(defect[g])}" for g in game_names),
             _verdict([all(v >= 0.8 for v in coop.values())], [all(v >= 0.8 for v in defect.values())])))
-    if evaluate.BASE in kinds:
-        value = float(np.mean([share(evaluate.BASE, g, "illegal") for g in game_names]))
+    if protocol.BASE in kinds:
+        value = float(np.mean([share(protocol.BASE, g, "illegal") for g in game_names]))
         findings.append(Finding(
             "Generalisation: the untrained base is almost always illegal.", name,
             "the base model's illegal share >= 0.8 (mean over games)", f"base illegal share {_fmt(value)}",
@@ -457,14 +459,6 @@ def build_report(workdir: pathlib.Path, suite: Suite, timings: Mapping[str, floa
 _FINAL_COLUMNS = ("share_C|C", "share_C|D", "share_D|C", "share_D|D", "illegal", "cooperation", "defection")
 
 
-def _cell(mean: float, ci: float) -> str:
-    return f"{mean:.3f} ± {ci:.3f}"
-
-
-def _escape(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
 def report_markdown(report: Mapping[str, Any]) -> str:
     """The report as markdown: findings first, then tables and figure links."""
     verdicts = [f["verdict"] for f in report["findings"]]
@@ -484,28 +478,27 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             "the test strings action3/action4 are new tokens to it, with no meaning that links them to C and D,",
             "so the generalisation verdicts (on action3/action4, as the paper) fail, while the note of each",
             "gives the same check with the training strings action1/action2 on the other games.", ""]
-    lines += ["## Findings", "",
-              "| finding | program | criterion | measured | verdict |", "|---|---|---|---|---|"]
-    for f in report["findings"]:
-        verdict = f["verdict"] + (f" ({f['note']})" if f["note"] else "")
-        lines.append(f"| {_escape(f['finding'])} | {f['program']} | {_escape(f['criterion'])} | "
-                     f"{_escape(f['measured'])} | {_escape(verdict)} |")
+    lines += ["## Findings", ""]
+    lines += markdown.table(
+        ["finding", "program", "criterion", "measured", "verdict"],
+        [[markdown.escape(f["finding"]), f["program"], markdown.escape(f["criterion"]), markdown.escape(f["measured"]),
+          markdown.escape(f["verdict"] + (f" ({f['note']})" if f["note"] else ""))] for f in report["findings"]])
     for name, program in report["programs"].items():
         lines += ["", f"## {name}: training", "",
                   f"{program['num_episodes']} episodes of {program['batch_size']} decisions, seeds {program['seeds']}; "
-                  "shares over the final 10% of episodes, mean ± 95% CI over runs.", "",
-                  "| condition | runs | " + " | ".join(_escape(c.replace("share_", "")) for c in _FINAL_COLUMNS) + " |",
-                  "|---" * (len(_FINAL_COLUMNS) + 2) + "|"]
-        for label, group in program["final"].items():
-            cells = " | ".join(_cell(group["mean"][c], group["ci95"][c]) for c in _FINAL_COLUMNS)
-            lines.append(f"| {label} | {group['num_runs']} | {cells} |")
+                  "shares over the final 10% of episodes, mean ± 95% CI over runs.", ""]
+        lines += markdown.table(
+            ["condition", "runs", *(markdown.escape(c.replace("share_", "")) for c in _FINAL_COLUMNS)],
+            [[label, str(group["num_runs"]), *(markdown.mean_ci(group["mean"][c], group["ci95"][c])
+                                               for c in _FINAL_COLUMNS)]
+             for label, group in program["final"].items()])
         lines += ["", f"![action types]({name}/action_types.png) ![rewards]({name}/rewards.png)", "",
-                  f"## {name}: generalisation (test actions, original table)", "",
-                  "| model | game | De regret | Ut regret |", "|---|---|---|---|"]
-        for row in program["evaluation_regrets"]:  # The main test only.
-            lines.append(f"| {row['kind']} | {row['game']} | "
-                         f"{_cell(row['regret_deont_mean'], row['regret_deont_ci95'])} | "
-                         f"{_cell(row['regret_util_mean'], row['regret_util_ci95'])} |")
+                  f"## {name}: generalisation (test actions, original table)", ""]
+        lines += markdown.table(
+            ["model", "game", "De regret", "Ut regret"],
+            [[row["kind"], row["game"], markdown.mean_ci(row["regret_deont_mean"], row["regret_deont_ci95"]),
+              markdown.mean_ci(row["regret_util_mean"], row["regret_util_ci95"])]
+             for row in program["evaluation_regrets"]])  # The main test only.
         lines += ["", f"All variants: [{name}/evaluation/regrets.md]({name}/evaluation/regrets.md).", "",
                   f"![regrets]({name}/evaluation/regrets.png) ![action types]({name}/evaluation/action_types.png)"]
     return "\n".join(lines) + "\n"

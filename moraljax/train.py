@@ -35,31 +35,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moraljax import action_matcher
 from moraljax import config_lib
 from moraljax import distributed
 from moraljax import games
 from moraljax import interrupts
 from moraljax import opponents
-from moraljax import prompts
+from moraljax import prompt_tables
 from moraljax import sharding as sharding_lib
 from moraljax import workdir as workdir_lib
 from moraljax.llm import decoder
 from moraljax.llm import lora as lora_lib
 from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
+from moraljax.output import names as metric_names
 from moraljax.rl import ppo
 from moraljax.rl import rollout
 
-# Metrics of `rollout.Decisions` that go to the host with its `named_rewards`
+# Metrics of `rollout.Decisions` that go to the host, with its `named_rewards`
 # (the rest stay on device).
-DECISION_METRICS = (
-    "action_type",
-    "opponent_legal",
-    "partner",
-    "reward",
-    "regret_deont",
-    "regret_util",
-)
+DECISION_METRICS = ("action_type", "opponent_legal", "partner", "reward") + metric_names.REGRET_KEYS
 
 
 @flax.struct.dataclass
@@ -134,7 +129,7 @@ def init_learners(
 def _update_one(
     graphdef: nnx.GraphDef,
     frozen: nnx.State,
-    table: prompts.PromptTable,
+    table: prompt_tables.PromptTable,
     settings: ChunkSettings,
     learner: LearnerState,
     decisions: rollout.Decisions,
@@ -541,19 +536,19 @@ def build_run(
     )
     game = games.get_game(cfg.game.name)
     actions = cfg.prompt.actions
-    gen_len = cfg.model.gen_len or prompts.action_token_length(tokenizer, actions)
+    gen_len = cfg.model.gen_len or action_matcher.action_token_length(tokenizer, actions)
     sides = [game, games.opponent_view(game)]  # Player 0 (M) and player 1.
     tables = [
-        prompts.build_prompt_table(
+        prompt_tables.build_prompt_table(
             tokenizer, np.asarray(side.payoffs), actions=actions, table_order=cfg.prompt.table_order
         )
         for side in sides
     ]
-    stacked = prompts.stack_prompt_tables(tables, tokenizer.pad_token_id)
+    stacked = prompt_tables.stack_prompt_tables(tables, tokenizer.pad_token_id)
     env = rollout.Environment(
         game=games.stack_games(sides),
         prompts=rollout.flatten_learners(stacked),  # [2, P, T] -> [2 * P, T]
-        matcher=prompts.build_action_matcher(tokenizer, actions, gen_len),
+        matcher=action_matcher.build_action_matcher(tokenizer, actions, gen_len),
     )
     setup = jax.tree.map(lambda *xs: jnp.stack(xs), *setups)
     policy.model.remat = decoder.remat_for(cfg.model.remat, policy.config.num_hidden_layers)
@@ -607,12 +602,10 @@ def export_adapters(run: Run, directory: pathlib.Path, *, is_writer: bool) -> No
 
 
 def _shares_text(metrics: dict[str, np.ndarray]) -> str:
-    """'C 52% D 40% ill 8%' over a chunk's decisions (for the progress bar)."""
-    types = metrics["action_type"]
-    total = types.size
-    coop = np.isin(types, (0, 1)).sum() / total
-    defect = np.isin(types, (2, 3)).sum() / total
-    return f"C {coop:.0%} D {defect:.0%} illegal {1 - coop - defect:.0%}"
+    """'C 52% D 40% illegal 8%' over a chunk's decisions (for the progress bar)."""
+    types = np.asarray(metrics["action_type"]).ravel()
+    shares = metric_names.group_shares(np.bincount(types, minlength=metric_names.NUM_ACTION_TYPES) / types.size)
+    return f"C {shares['cooperation']:.0%} D {shares['defection']:.0%} illegal {shares['illegal']:.0%}"
 
 
 class NonFiniteError(ValueError):

@@ -17,6 +17,7 @@ import transformers
 from flax import nnx
 
 from moraljax import games
+from moraljax import prompt_tables
 from moraljax import prompts
 from moraljax.llm import checkpoints
 from moraljax.llm import decoder
@@ -342,7 +343,8 @@ def test_shipped_tokenizer_config_is_portable_and_reads_exactly_as_before(tmp_pa
     for game in games.EVALUATION_GAME_NAMES:
         for actions in (prompts.TRAIN_ACTIONS, prompts.TEST_ACTIONS):
             for order in prompts.TABLE_ORDERS:
-                tables = [prompts.build_prompt_table(t, games.GAMES[game].payoffs, actions=actions, table_order=order)
+                tables = [prompt_tables.build_prompt_table(t, games.GAMES[game].payoffs, actions=actions,
+                                                           table_order=order)
                           for t in (new, old)]
                 np.testing.assert_array_equal(tables[0].ids, tables[1].ids)
     assert new.encode("hi action3", add_special_tokens=True) == old.encode("hi action3", add_special_tokens=True)

@@ -21,7 +21,7 @@ import pytest
 from moraljax import checkpointing
 from moraljax import config_lib
 from moraljax import distributed
-from moraljax import reporting
+from moraljax.output import run_report
 from moraljax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_two_processes_equal_one_process(tmp_path, assert_close_to_scale):
     written = tmp_path / "workdir0"
     assert {"metrics.csv", "summary.json", "action_types.png", "adapters"} <= {p.name for p in written.iterdir()}
 
-    ours, theirs = reporting.read_metrics(written / "metrics.csv"), reporting.read_metrics(reference / "metrics.csv")
+    ours, theirs = run_report.read_metrics(written / "metrics.csv"), run_report.read_metrics(reference / "metrics.csv")
     assert sorted(ours) == sorted(theirs) and len(ours["episode"]) == 4
     for name, values in theirs.items():
         if values.dtype.kind in "iU":

@@ -19,15 +19,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moraljax import action_matcher
 from moraljax import checkpointing
 from moraljax import config_lib
 from moraljax import evaluate
 from moraljax import prompts
 from moraljax import train
+from moraljax.evaluation import play
+from moraljax.evaluation import protocol
 from moraljax.llm import checkpoints
 from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
 from moraljax.llm import tiny
+from moraljax.output import evaluation_report
 
 # The authors' protocol, typed out: (M's, O's) previous move at the start of
 # each of the 10 episodes, and the Random opponent's 5 moves per episode.
@@ -56,7 +60,7 @@ def fixed_choice(shared, policy, table, matcher, state, key):
     action = jnp.broadcast_to(action, state.prev_m.shape).astype(jnp.int32)
     index = prompts.prompt_index(state.prev_m, state.prev_o, 0, 0)
     assert table.ids.ndim == 2  # One model's [P, T] table.
-    return evaluate.Choice(action=action, tokens=jnp.zeros(state.prev_m.shape + (1,), jnp.int32), prompt_index=index)
+    return play.Answers(action=action, tokens=jnp.zeros(state.prev_m.shape + (1,), jnp.int32), prompt_index=index)
 
 
 def expected_regrets(policy: str, game: str) -> tuple[float, float]:
@@ -86,8 +90,8 @@ def tokenizer():
 def fixed(tokenizer):
     """The full paper suite for the four fixed policies."""
     policies = jnp.asarray(list(POLICIES.values()), jnp.int32)
-    return evaluate.evaluate_policies(
-        None, None, policies, tokenizer, evaluate.EvalSettings(), include_base=False, choose_actions=fixed_choice
+    return play.evaluate_policies(
+        None, None, policies, tokenizer, protocol.EvalSettings(), include_base=False, choose_actions=fixed_choice
     )
 
 
@@ -98,7 +102,7 @@ def test_protocol_is_the_authors_seed_sequence():
     moves = ["".join(str(opponent_rng.choice(["C", "D"])) for _ in range(5)) for _ in range(10)]
     assert initial == PROTOCOL_INITIAL
     assert moves == PROTOCOL_MOVES
-    got_initial, got_moves = evaluate.protocol_sequences()
+    got_initial, got_moves = protocol.protocol_sequences()
     letters = lambda row: "".join("CD"[x] for x in row)
     assert [letters(r) for r in got_initial] == PROTOCOL_INITIAL
     assert [letters(r) for r in got_moves] == PROTOCOL_MOVES
@@ -106,7 +110,7 @@ def test_protocol_is_the_authors_seed_sequence():
 
 
 def test_every_model_game_and_variant_faces_the_same_protocol(fixed):
-    initial, moves = evaluate.protocol_sequences()
+    initial, moves = protocol.protocol_sequences()
     assert len(fixed.matrix) == 5 * 5  # Five games x (four table orders + action1/action2).
     for records in fixed.matrix.values():
         assert records.action.shape == (len(POLICIES), 10, 5)
@@ -121,7 +125,7 @@ def test_state_evolves_with_legal_moves_and_opponent_moves(fixed):
         np.testing.assert_array_equal(
             records.prev_m[..., 1:], np.where(legal, records.action[..., :-1], records.prev_m[..., :-1]))
         np.testing.assert_array_equal(records.prev_o[..., 1:], records.opponent_action[..., :-1])
-    records = fixed.matrix["IPD", evaluate.Variant(prompts.TEST_ACTIONS, "original")]
+    records = fixed.matrix["IPD", protocol.Variant(prompts.TEST_ACTIONS, "original")]
     # Illegal outputs never update M's previous move; copying follows O.
     np.testing.assert_array_equal(records.prev_m[2], np.repeat(records.prev_m[2, :, :1], 5, axis=1))
     np.testing.assert_array_equal(records.action[3], records.prev_o[3])
@@ -137,7 +141,7 @@ def test_fixed_policy_regrets_match_hand_computation(fixed):
 
 
 def test_fixed_policy_regrets_literal_numbers(fixed):
-    tables = {(r["model"], r["game"], r["table_order"], r["actions"]): r for r in evaluate.model_rows(fixed)}
+    tables = {(r["model"], r["game"], r["table_order"], r["actions"]): r for r in evaluation_report.model_rows(fixed)}
     main = lambda model, game: tables[model, game, "original", "action3/action4"]
     # 23 of the 50 decisions follow an opponent's C: always-D regret 4 * 23 / 50.
     for game in UTILITARIAN_MAX:
@@ -161,20 +165,20 @@ def test_one_compiled_program_serves_every_game(fixed):
 
 
 def test_beyond_matrix_shares_of_fixed_policies(fixed):
-    assert set(fixed.beyond) == set(evaluate.BEYOND_FAMILIES)
-    tables = {(r["model"], r["family"]): r for r in evaluate.beyond_model_rows(fixed)}
-    for family in evaluate.BEYOND_FAMILIES:
+    assert set(fixed.beyond) == set(protocol.BEYOND_FAMILIES)
+    tables = {(r["model"], r["family"]): r for r in evaluation_report.beyond_model_rows(fixed)}
+    for family in protocol.BEYOND_FAMILIES:
         assert tables["seed0", family]["share_C"] == 1.0
         assert tables["seed1", family]["share_D"] == 1.0
         assert tables["seed2", family]["share_other"] == 1.0
         # Every family and model sees the same random states.
         np.testing.assert_array_equal(fixed.beyond[family].prev_o[:, :, 0],
-                                      np.broadcast_to(evaluate.beyond_states(50, 0)[:, 1], (4, 50)))
+                                      np.broadcast_to(protocol.beyond_states(50, 0)[:, 1], (4, 50)))
 
 
 def test_group_rows_mean_and_ci_over_runs():
     rows = [{"kind": "k", "x": 1.0}, {"kind": "k", "x": 3.0}, {"kind": "b", "x": 2.0}]
-    k, b = evaluate.group_rows(rows, ("kind",), ("x",))
+    k, b = evaluation_report.group_rows(rows, ("kind",), ("x",))
     assert k["runs"] == 2 and k["x_mean"] == 2.0
     assert k["x_ci95"] == pytest.approx(1.96 * np.sqrt(2.0) / np.sqrt(2))
     assert b["runs"] == 1 and b["x_mean"] == 2.0 and b["x_ci95"] == 0.0
@@ -196,7 +200,7 @@ def test_group_rows_mean_and_ci_over_runs():
 )
 def test_bad_settings_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
-        evaluate.EvalSettings(**{field: value})
+        protocol.EvalSettings(**{field: value})
 
 
 def test_config_file_gives_the_default_settings():
@@ -205,9 +209,9 @@ def test_config_file_gives_the_default_settings():
     spec.loader.exec_module(module)
     values = module.get_config("runs/ipd_util").to_dict()
     assert values.pop("workdir") == "runs/ipd_util" and values.pop("out_dir") == ""
-    assert evaluate.settings_from_dict(values) == evaluate.EvalSettings()
-    with pytest.raises(ValueError, match="unknown evaluation setting"):
-        evaluate.settings_from_dict({"episode": 3})
+    assert protocol.settings_from_dict(values) == protocol.EvalSettings()
+    with pytest.raises(ValueError, match="episode=3 is not allowed; expected an evaluation setting: actions, "):
+        protocol.settings_from_dict({"episode": 3})
 
 
 # ----------------------------------------------------------------------------
@@ -215,7 +219,7 @@ def test_config_file_gives_the_default_settings():
 
 # A small suite: two games, two variants, one value preamble, two families,
 # a shorter protocol (the protocol code is the paper's, tested above).
-SMALL = evaluate.EvalSettings(
+SMALL = protocol.EvalSettings(
     games=("IPD", "ICD"),
     table_orders=("original",),
     episodes=4,
@@ -238,7 +242,7 @@ def tiny_run():
 @pytest.fixture(scope="module")
 def model_results(tiny_run):
     _, run = tiny_run
-    return evaluate.evaluate_policies(
+    return play.evaluate_policies(
         run.graphdef, run.frozen, run.real_learners().trainable, run.tokenizer, SMALL, seeds=(1, 2))
 
 
@@ -255,19 +259,19 @@ def test_tiny_model_smoke(tiny_run, model_results):
         assert 0 < legal.mean() < 1  # The tiny base answers legally mostly, not always.
         # The in-jit parse is the host rule; the prompt shows the state.
         for tokens, action in zip(records.tokens.reshape(-1, 2), records.action.ravel()):
-            assert prompts.parse_action_host(run.tokenizer, tokens, variant.actions) == action
+            assert action_matcher.parse_action_host(run.tokenizer, tokens, variant.actions) == action
         np.testing.assert_array_equal(records.prompt_index // 4, records.prev_m * 2 + records.prev_o)
         assert np.all((0 <= records.regret_deont) & (records.regret_deont <= 6))
         assert np.all((0 <= records.regret_util) & (records.regret_util <= 1))
     for records in model_results.beyond.values():
         assert records.tokens.shape == (3, 6, 1, 5)
         for tokens, action in zip(records.tokens.reshape(-1, 5), records.action.ravel()):
-            assert prompts.parse_action_host(run.tokenizer, tokens, prompts.TEST_ACTIONS) == action
+            assert action_matcher.parse_action_host(run.tokenizer, tokens, prompts.TEST_ACTIONS) == action
     assert model_results.num_compilations == 2
 
 
 def test_value_prompted_rows_read_the_preamble(tokenizer):
-    tables, row_of = evaluate.matrix_prompt_tables(tokenizer, SMALL, [None, "utilitarian"])
+    tables, row_of = play.matrix_prompt_tables(tokenizer, SMALL, [None, "utilitarian"])
     main = SMALL.variants()[0]
     text = lambda preamble: tokenizer.decode(tables.ids[row_of["IPD", main, preamble], 0], skip_special_tokens=True)
     assert prompts.UTILITARIAN_PREAMBLE in text("utilitarian")
@@ -328,7 +332,7 @@ def test_evaluate_workdir_restores_the_run_and_writes_outputs(tmp_path, tiny_run
         assert (out / name).stat().st_size > 0, name
     assert summary["condition"] == "util_vs_tft" and summary["checkpoint_episode"] == 2
     # Same learners, seeds and settings: the same decisions (deterministic keys).
-    assert summary["regrets"] == evaluate.summarise(model_results)["regrets"]
+    assert summary["regrets"] == evaluation_report.summarise(model_results)["regrets"]
     with (out / "decisions.csv").open(newline="") as handle:
         decisions = list(csv.DictReader(handle))
     assert len(decisions) == 4 * 2 * 2 * 4 * 3  # Models x games x variants x episodes x decisions.

@@ -41,6 +41,8 @@ from tokenizers import trainers
 from moraljax import config_lib
 from moraljax import evaluate
 from moraljax import games
+from moraljax import action_matcher
+from moraljax import prompt_tables
 from moraljax import prompts
 from moraljax import train
 from moraljax.llm import adapters
@@ -431,11 +433,11 @@ def test_action_matcher_agrees_with_the_host_rule_whatever_the_action_length(tok
             if index % 2 == 0:
                 row[:] = tokenizer.eos_token_id
             row[: len(piece)] = piece
-        matcher = prompts.build_action_matcher(tokenizer, actions, gen_len + 1)
-        host = [prompts.parse_action_host(tokenizer, row, actions) for row in ids]
-        np.testing.assert_array_equal(np.asarray(prompts.match_actions(matcher, jnp.asarray(ids))), host)
+        matcher = action_matcher.build_action_matcher(tokenizer, actions, gen_len + 1)
+        host = [action_matcher.parse_action_host(tokenizer, row, actions) for row in ids]
+        np.testing.assert_array_equal(np.asarray(action_matcher.match_actions(matcher, jnp.asarray(ids))), host)
         assert sum(h >= 0 for h in host) > 50
-        table = prompts.build_prompt_table(tokenizer, games.GAMES["IPD"].payoffs, actions=actions)
+        table = prompt_tables.build_prompt_table(tokenizer, games.GAMES["IPD"].payoffs, actions=actions)
         assert table.ids.shape[0] == prompts.NUM_PROMPTS
         for row, row_mask in zip(np.asarray(table.ids), np.asarray(table.mask)):
             text = tokenizer.decode(row[row_mask.astype(bool)].tolist())

@@ -23,6 +23,8 @@ from tokenizers import pre_tokenizers
 from tokenizers import trainers
 from transformers import PreTrainedTokenizerFast
 
+from moraljax import action_matcher
+from moraljax import prompt_tables
 from moraljax import prompts
 
 # SPEC.md section 1, typed out again: payoffs[a_m][a_o] = (p_m, p_o).
@@ -88,7 +90,7 @@ def _wrap(backend: Tokenizer, **overrides) -> PreTrainedTokenizerFast:
                   eos_token="<eos>", pad_token="<pad>")
     kwargs.update(overrides)
     tokenizer = PreTrainedTokenizerFast(**kwargs)
-    tokenizer.chat_template = prompts.GEMMA_CHAT_TEMPLATE
+    tokenizer.chat_template = prompt_tables.GEMMA_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -347,7 +349,7 @@ def test_prompt_table_rows_are_left_padded_templated_prompts(
         byte_fallback_tokenizer):
     tokenizer = byte_fallback_tokenizer
     payoffs = np.array(SPEC_GAMES["ICN"])
-    table = prompts.build_prompt_table(tokenizer, payoffs,
+    table = prompt_tables.build_prompt_table(tokenizer, payoffs,
                                        actions=prompts.TEST_ACTIONS)
     texts = prompts.render_all_structured(payoffs,
                                           actions=prompts.TEST_ACTIONS)
@@ -378,18 +380,18 @@ def test_prompt_table_rows_are_left_padded_templated_prompts(
 
 def test_pad_to_and_stacking(byte_fallback_tokenizer):
     tokenizer = byte_fallback_tokenizer
-    short = prompts.build_prompt_table(tokenizer, np.array(IPD),
+    short = prompt_tables.build_prompt_table(tokenizer, np.array(IPD),
                                        family="action_only")
-    full = prompts.build_prompt_table(tokenizer, np.array(IPD))
+    full = prompt_tables.build_prompt_table(tokenizer, np.array(IPD))
     width = full.ids.shape[1]
-    padded = prompts.build_prompt_table(tokenizer, np.array(IPD),
+    padded = prompt_tables.build_prompt_table(tokenizer, np.array(IPD),
                                         pad_to=width + 3)
     assert padded.ids.shape == (16, width + 3)
     np.testing.assert_array_equal(padded.ids[:, 3:], full.ids)
     assert np.all(np.asarray(padded.mask[:, :3]) == 0)
     with pytest.raises(ValueError, match="pad_to"):
-        prompts.build_prompt_table(tokenizer, np.array(IPD), pad_to=width - 1)
-    stacked = prompts.stack_prompt_tables([short, full],
+        prompt_tables.build_prompt_table(tokenizer, np.array(IPD), pad_to=width - 1)
+    stacked = prompt_tables.stack_prompt_tables([short, full],
                                           tokenizer.pad_token_id)
     assert stacked.ids.shape == (2, 16, width)
     np.testing.assert_array_equal(stacked.ids[1], full.ids)
@@ -405,11 +407,11 @@ def test_tokenizers_without_template_or_pad_are_refused():
     no_template = _wrap(_byte_fallback_backend())
     no_template.chat_template = None
     with pytest.raises(ValueError, match="chat_template"):
-        prompts.build_prompt_table(no_template, np.array(IPD))
+        prompt_tables.build_prompt_table(no_template, np.array(IPD))
     no_pad = _wrap(_byte_fallback_backend(), pad_token=None)
     assert no_pad.pad_token_id is None
     with pytest.raises(ValueError, match="pad_token_id"):
-        prompts.build_prompt_table(no_pad, np.array(IPD))
+        prompt_tables.build_prompt_table(no_pad, np.array(IPD))
 
 
 # ---------------------------------------------------------------------------
@@ -471,8 +473,8 @@ def _random_sequences(rng, tokenizer, pool, seeds, num, length):
 
 
 def _check_parser(tokenizer, actions, *, num=1500):
-    matcher = prompts.build_action_matcher(tokenizer, actions, gen_len=2)
-    match = jax.jit(prompts.match_actions)
+    matcher = action_matcher.build_action_matcher(tokenizer, actions, gen_len=2)
+    match = jax.jit(action_matcher.match_actions)
     specials = [tokenizer.convert_tokens_to_ids(token)
                 for token in ("<bos>", "<eos>", "<end_of_turn>")]
     seeds = []
@@ -486,7 +488,7 @@ def _check_parser(tokenizer, actions, *, num=1500):
     for seed in seeds:
         if not seed:
             continue
-        host = prompts.parse_action_host(tokenizer, seed, actions)
+        host = action_matcher.parse_action_host(tokenizer, seed, actions)
         device = int(match(matcher, jnp.asarray([seed], jnp.int32))[0])
         assert host == device, (seed, tokenizer.decode(seed), host, device)
 
@@ -495,7 +497,7 @@ def _check_parser(tokenizer, actions, *, num=1500):
     legal = {}
     for length in (1, 2, 3):
         sequences = _random_sequences(rng, tokenizer, pool, seeds, num, length)
-        host = np.array([prompts.parse_action_host(tokenizer, row, actions)
+        host = np.array([action_matcher.parse_action_host(tokenizer, row, actions)
                          for row in sequences])
         device = np.asarray(match(matcher, jnp.asarray(sequences, jnp.int32)))
         mismatches = np.nonzero(host != device)[0]
@@ -515,7 +517,7 @@ def test_parser_matches_host_rule_byte_fallback(byte_fallback_tokenizer):
     byte = lambda value: tokenizer.convert_tokens_to_ids(f"<0x{value:02X}>")
     action, one = _ids(tokenizer, "action")[0], _ids(tokenizer, "1")[0]
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    matcher = prompts.build_action_matcher(tokenizer, prompts.TRAIN_ACTIONS, 4)
+    matcher = action_matcher.build_action_matcher(tokenizer, prompts.TRAIN_ACTIONS, 4)
     cases = {
         (byte(0xC2), byte(0xA0), action, one): 0,
         (byte(0xC2), action, one, end_of_turn): -1,
@@ -526,9 +528,9 @@ def test_parser_matches_host_rule_byte_fallback(byte_fallback_tokenizer):
     full_action = _ids(tokenizer, "action1")
     cases[tuple(full_action + [byte(0xE3), byte(0x80), byte(0x80)])] = 0
     for sequence, expected in cases.items():
-        assert prompts.parse_action_host(tokenizer, sequence,
+        assert action_matcher.parse_action_host(tokenizer, sequence,
                                          prompts.TRAIN_ACTIONS) == expected
-        got = prompts.match_actions(matcher, jnp.asarray(sequence, jnp.int32))
+        got = action_matcher.match_actions(matcher, jnp.asarray(sequence, jnp.int32))
         assert int(got) == expected, sequence
 
 
@@ -546,7 +548,7 @@ def test_parser_matches_host_rule_byte_level(byte_level_tokenizer):
     # ("Â" is byte C2, "ł" A0, "ã" E3, "Ģ" 80 in the GPT-2 byte alphabet).
     piece = tokenizer.convert_tokens_to_ids
     action1 = _ids(tokenizer, "action1")
-    matcher = prompts.build_action_matcher(tokenizer, prompts.TRAIN_ACTIONS, 4)
+    matcher = action_matcher.build_action_matcher(tokenizer, prompts.TRAIN_ACTIONS, 4)
     cases = {
         tuple([piece("Â"), piece("ł")] + action1): 0,
         tuple(action1 + [piece("ã"), piece("Ģ"), piece("Ģ")]): 0,
@@ -557,9 +559,9 @@ def test_parser_matches_host_rule_byte_level(byte_level_tokenizer):
     for sequence, expected in cases.items():
         if expected == 0:
             assert tokenizer.decode(list(sequence)).strip() == "action1"
-        assert prompts.parse_action_host(tokenizer, sequence,
+        assert action_matcher.parse_action_host(tokenizer, sequence,
                                          prompts.TRAIN_ACTIONS) == expected
-        got = prompts.match_actions(matcher, jnp.asarray(sequence, jnp.int32))
+        got = action_matcher.match_actions(matcher, jnp.asarray(sequence, jnp.int32))
         assert int(got) == expected, sequence
     legal, _ = _check_parser(tokenizer, ("\u00e9t\u00e9", "action 1"),
                              num=600)
@@ -568,13 +570,13 @@ def test_parser_matches_host_rule_byte_level(byte_level_tokenizer):
 
 def test_matcher_is_batched_and_jittable(byte_fallback_tokenizer):
     tokenizer = byte_fallback_tokenizer
-    matcher = prompts.build_action_matcher(tokenizer, prompts.TRAIN_ACTIONS, 2)
+    matcher = action_matcher.build_action_matcher(tokenizer, prompts.TRAIN_ACTIONS, 2)
     action1, action2 = _ids(tokenizer, "action1"), _ids(tokenizer, "action2")
     assert len(action1) == 1
     eos = tokenizer.eos_token_id
     ids = jnp.asarray([[[action1[0], eos], [eos, action2[0]]],
                        [[eos, eos], [action2[0], action1[0]]]], jnp.int32)
-    got = jax.jit(prompts.match_actions)(matcher, ids)
+    got = jax.jit(action_matcher.match_actions)(matcher, ids)
     np.testing.assert_array_equal(got, [[0, 1], [-1, -1]])
     assert got.dtype == jnp.int32
     leaves = jax.tree.leaves(matcher)
@@ -586,16 +588,16 @@ def test_matcher_refuses_bad_actions_and_decoders(byte_fallback_tokenizer):
     for actions in (("action1", "action1"), ("", "action2"),
                     (" action1", "action2"), ()):
         with pytest.raises(ValueError, match="actions"):
-            prompts.build_action_matcher(tokenizer, actions, 2)
+            action_matcher.build_action_matcher(tokenizer, actions, 2)
     with pytest.raises(ValueError, match="gen_len"):
-        prompts.build_action_matcher(tokenizer, prompts.TRAIN_ACTIONS, 0)
+        action_matcher.build_action_matcher(tokenizer, prompts.TRAIN_ACTIONS, 0)
     cleaning = _wrap(_byte_fallback_backend(),
                      clean_up_tokenization_spaces=True)
     assert cleaning.clean_up_tokenization_spaces
     with pytest.raises(ValueError, match="clean_up_tokenization_spaces"):
-        prompts.build_action_matcher(cleaning, ("action1.", "action2"), 2)
+        action_matcher.build_action_matcher(cleaning, ("action1.", "action2"), 2)
     # Without punctuation in the actions the clean-up cannot change the rule.
-    prompts.build_action_matcher(cleaning, prompts.TRAIN_ACTIONS, 2)
+    action_matcher.build_action_matcher(cleaning, prompts.TRAIN_ACTIONS, 2)
 
     # WordPiece drops "##" only after the first token: a context dependence
     # the automaton cannot represent, so it is refused at build time.
@@ -607,4 +609,4 @@ def test_matcher_refuses_bad_actions_and_decoders(byte_fallback_tokenizer):
     word_piece = PreTrainedTokenizerFast(tokenizer_object=backend,
                                          pad_token="[PAD]", unk_token="[UNK]")
     with pytest.raises(ValueError, match="context dependent|concatenation"):
-        prompts.build_action_matcher(word_piece, prompts.TRAIN_ACTIONS, 2)
+        action_matcher.build_action_matcher(word_piece, prompts.TRAIN_ACTIONS, 2)

@@ -16,6 +16,10 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from moraljax import reporting
+from moraljax.output import figures
+from moraljax.output import names
+from moraljax.output import run_report
+from moraljax.output import statistics
 
 # Action type indices, typed out from SPEC.md section 8.
 CC, CD, DC, DD, IC, ID = range(6)
@@ -106,7 +110,7 @@ def test_rows_and_counts_by_hand(tmp_path):
         (5, 0, 0, 0, 0, 0), (0, 1, 1, 1, 1, 1), (0, 0, 0, 0, 0, 5)]
     expected_illegal = [0.2, 0.0, 0.6, 0.0, 0.4, 1.0]
     for row, counts, illegal in zip(rows, expected_counts, expected_illegal):
-        assert tuple(int(row[c]) for c in reporting.COUNT_COLUMNS) == counts
+        assert tuple(int(row[c]) for c in names.COUNT_COLUMNS) == counts
         assert float(row["illegal_share"]) == pytest.approx(illegal)
     first = rows[0]
     assert (first["seed"], first["condition"], first["player"]) == (
@@ -138,7 +142,7 @@ def test_opponent_illegal_column_for_llm_opponents(tmp_path):
     rows = read_rows(tmp_path / "metrics.csv")
     assert [int(r["n_opp_illegal"]) for r in rows] == [2, 1]
     assert [r["player"] for r in rows] == ["0", "1"]
-    summary = reporting.summarise(tmp_path / "metrics.csv")
+    summary = run_report.summarise(tmp_path / "metrics.csv")
     assert list(summary["groups"]) == ["util_vs_llm/player0",
                                        "util_vs_llm/player1"]
     player0 = summary["groups"]["util_vs_llm/player0"]
@@ -304,7 +308,7 @@ def write_two_seed_run(workdir, num_episodes=10):
 
 
 def test_summary_shares_and_ci_by_hand(tmp_path):
-    summary = reporting.summarise(write_two_seed_run(tmp_path))
+    summary = run_report.summarise(write_two_seed_run(tmp_path))
     util = summary["groups"]["util_vs_tft"]
     assert (util["num_runs"], util["num_episodes"]) == (2, 10)
     assert util["final_window"] == [9, 9]
@@ -336,7 +340,7 @@ def test_summary_shares_and_ci_by_hand(tmp_path):
 def test_summary_window_fraction(tmp_path):
     path = write_two_seed_run(tmp_path)
     # 20% of 10 episodes = episodes 8 and 9: seed 0 has 9/10 C|C, seed 1 3/10.
-    util = reporting.summarise(path, final_fraction=0.2)["groups"][
+    util = run_report.summarise(path, final_fraction=0.2)["groups"][
         "util_vs_tft"]
     assert util["final_window"] == [8, 9]
     assert [r["share_C|C"] for r in util["runs"]] == pytest.approx([0.9, 0.3])
@@ -344,19 +348,19 @@ def test_summary_window_fraction(tmp_path):
     assert util["ci95"]["share_C|C"] == pytest.approx(
         1.96 * np.std([0.9, 0.3], ddof=1) / math.sqrt(2))
     # The window never falls below one episode, and rounds up.
-    assert reporting.summarise(path, final_fraction=0.01)["groups"][
+    assert run_report.summarise(path, final_fraction=0.01)["groups"][
         "util_vs_tft"]["num_final_episodes"] == 1
     path15 = write_two_seed_run(tmp_path / "fifteen", num_episodes=15)
-    assert reporting.summarise(path15)["groups"]["util_vs_tft"][
+    assert run_report.summarise(path15)["groups"]["util_vs_tft"][
         "num_final_episodes"] == 2
     for bad in (0.0, 1.5, True):
         with pytest.raises(ValueError, match="final_fraction"):
-            reporting.summarise(path, final_fraction=bad)
+            run_report.summarise(path, final_fraction=bad)
 
 
 def test_write_summary_json_and_markdown(tmp_path):
-    summary = reporting.summarise(write_two_seed_run(tmp_path))
-    reporting.write_summary(tmp_path, summary)
+    summary = run_report.summarise(write_two_seed_run(tmp_path))
+    run_report.write_summary(tmp_path, summary)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     markdown = (tmp_path / "summary.md").read_text()
     assert "## util_vs_tft" in markdown
@@ -368,7 +372,7 @@ def test_write_summary_json_and_markdown(tmp_path):
 
 
 def test_mean_and_ci95_by_hand():
-    mean, ci = reporting.mean_and_ci95(
+    mean, ci = statistics.mean_and_ci95(
         np.array([[1.0, 5.0, np.nan], [3.0, np.nan, np.nan]]))
     np.testing.assert_allclose(mean[:2], [2.0, 5.0])
     np.testing.assert_allclose(ci[:2], [1.96, 0.0])
@@ -376,7 +380,7 @@ def test_mean_and_ci95_by_hand():
 
 
 def test_group_labels():
-    assert reporting.group_labels(["a", "b", "b"], [0, 0, 1]) == [
+    assert names.group_labels(["a", "b", "b"], [0, 0, 1]) == [
         "a", "b/player0", "b/player1"]
 
 
@@ -406,45 +410,45 @@ def _has_colour(image, colour):
 def test_plot_action_types(tmp_path):
     path = write_two_seed_run(tmp_path)
     out = tmp_path / "types.png"
-    reporting.plot_action_types(path, out)
+    run_report.plot_action_types(path, out)
     assert out.stat().st_size > 10_000
     image = matplotlib.image.imread(out)
     # Two conditions -> two 5 x 3.5 inch panels side by side at 100 dpi.
     assert image.shape[:2] == (350, 1000)
     for name in ("D|C", "illegal|D", "C|C", "D|D"):
-        assert _has_colour(image, reporting.ACTION_TYPE_COLORS[name]), name
+        assert _has_colour(image, figures.ACTION_TYPE_COLORS[name]), name
 
     one = tmp_path / "one.png"
-    reporting.plot_action_types(path, one, condition="game->deont_vs_tft",
+    run_report.plot_action_types(path, one, condition="game->deont_vs_tft",
                                 smoothing_window=3)
     image = matplotlib.image.imread(one)
     assert image.shape[:2] == (350, 500)
     # The legend names all six types, but only D|C fills area here: the
     # large C|C area of the other condition is absent.
     assert (np.sum(np.all(np.abs(image[..., :3] - _hex_rgb(
-        reporting.ACTION_TYPE_COLORS["D|C"])) < 2e-3, axis=-1)) > 10_000)
+        figures.ACTION_TYPE_COLORS["D|C"])) < 2e-3, axis=-1)) > 10_000)
     assert (np.sum(np.all(np.abs(image[..., :3] - _hex_rgb(
-        reporting.ACTION_TYPE_COLORS["C|C"])) < 2e-3, axis=-1)) < 1_000)
+        figures.ACTION_TYPE_COLORS["C|C"])) < 2e-3, axis=-1)) < 1_000)
 
     with pytest.raises(ValueError, match="condition"):
-        reporting.plot_action_types(path, one, condition="ut_vs_tft")
+        run_report.plot_action_types(path, one, condition="ut_vs_tft")
     with pytest.raises(ValueError, match="smoothing_window"):
-        reporting.plot_action_types(path, one, smoothing_window=0)
+        run_report.plot_action_types(path, one, smoothing_window=0)
 
 
 def test_plot_rewards(tmp_path):
     path = write_two_seed_run(tmp_path)
     out = tmp_path / "rewards.png"
-    reporting.plot_rewards(path, out, reward_keys=("reward", "reward_util"))
+    run_report.plot_rewards(path, out, reward_keys=("reward", "reward_util"))
     assert out.stat().st_size > 10_000
     assert matplotlib.image.imread(out).shape[:2] == (350, 1000)
     with pytest.raises(ValueError, match="reward_keys"):
-        reporting.plot_rewards(path, out, reward_keys=("reward_selfish",))
+        run_report.plot_rewards(path, out, reward_keys=("reward_selfish",))
 
 
 def test_moving_average_is_trailing():
     np.testing.assert_allclose(
-        reporting._moving_average(np.array([[0.0, 3.0, 6.0, 9.0]]), 2),
+        run_report._moving_average(np.array([[0.0, 3.0, 6.0, 9.0]]), 2),
         [[0.0, 1.5, 4.5, 7.5]])
 
 

@@ -15,7 +15,8 @@ import pytest
 import safetensors.numpy
 from tensorboardX.proto import event_pb2
 
-from moraljax import reporting
+from moraljax.output import names
+from moraljax.output import run_report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("moraljax_launch_sweep", ROOT / "launch" / "sweep.py")
@@ -89,7 +90,7 @@ def _write_csv(path, header, rows):
 
 
 def test_merge_renumbers_learners_sorts_rows_and_fills_the_opponent_column(tmp_path):
-    counts = list(reporting.COUNT_COLUMNS)
+    counts = list(names.COUNT_COLUMNS)
     tail = ["illegal_share", "kl"]
     fixed = sweep.Part(0, "a.py", "util_vs_tft", (1,), 1, 0)
     pair = sweep.Part(1, "b.py", "game_vs_llm", (1,), 2, 1)
@@ -187,8 +188,8 @@ def test_sweep_in_two_programs_merges_into_the_single_program_report(tmp_path, a
         rows_single, rows_merged = list(csv.reader(a)), list(csv.reader(b))
     assert rows_single[0] == rows_merged[0]
     assert len(rows_single) == len(rows_merged) == 1 + 2 * 2  # Header, 2 episodes x 2 learners.
-    columns_single = reporting.read_metrics(single / "metrics.csv")
-    columns_merged = reporting.read_metrics(merged / "metrics.csv")
+    columns_single = run_report.read_metrics(single / "metrics.csv")
+    columns_merged = run_report.read_metrics(merged / "metrics.csv")
     for name, values in columns_single.items():
         if values.dtype.kind in "iU":
             np.testing.assert_array_equal(values, columns_merged[name], err_msg=name)

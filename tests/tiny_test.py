@@ -13,7 +13,9 @@ import pytest
 import torch
 import transformers
 
+from moraljax import action_matcher
 from moraljax import games
+from moraljax import prompt_tables
 from moraljax import prompts
 from moraljax.llm import checkpoints
 from moraljax.llm import tiny
@@ -39,7 +41,7 @@ def policy():
 
 
 def _ipd_table(tokenizer, actions=prompts.TRAIN_ACTIONS):
-    return prompts.build_prompt_table(tokenizer, games.GAMES["IPD"].payoffs,
+    return prompt_tables.build_prompt_table(tokenizer, games.GAMES["IPD"].payoffs,
                                       actions=actions)
 
 
@@ -91,7 +93,7 @@ def test_tokenizer_special_tokens_and_decoding(tokenizer):
     ids = tokenizer.encode("<start_of_turn>model\naction3<end_of_turn><eos>",
                            add_special_tokens=False)
     assert tokenizer.decode(ids, skip_special_tokens=True) == "model\naction3"
-    assert prompts.parse_action_host(
+    assert action_matcher.parse_action_host(
         tokenizer, tokenizer.encode(" action4<end_of_turn>",
                                     add_special_tokens=False),
         prompts.TEST_ACTIONS) == 1
@@ -106,18 +108,18 @@ def test_in_jit_parser_agrees_with_host_rule(tokenizer):
     ids[:1500, 0] = rng.choice(starts, 1500)
     ids[:1500, 1] = rng.choice(digits, 1500)
     for actions in (prompts.TRAIN_ACTIONS, prompts.TEST_ACTIONS):
-        matcher = prompts.build_action_matcher(tokenizer, actions, gen_len=2)
-        expected = [prompts.parse_action_host(tokenizer, row, actions)
+        matcher = action_matcher.build_action_matcher(tokenizer, actions, gen_len=2)
+        expected = [action_matcher.parse_action_host(tokenizer, row, actions)
                     for row in ids]
         np.testing.assert_array_equal(
-            np.asarray(prompts.match_actions(matcher, jnp.asarray(ids))),
+            np.asarray(action_matcher.match_actions(matcher, jnp.asarray(ids))),
             expected)
         assert 0 < np.sum(np.asarray(expected) >= 0) < len(ids)
 
 
 def test_chat_template_renders_gemma_turns(tokenizer):
-    assert tokenizer.chat_template == prompts.GEMMA_CHAT_TEMPLATE
-    text = prompts.apply_chat_template(tokenizer, "  Pick one.  ")
+    assert tokenizer.chat_template == prompt_tables.GEMMA_CHAT_TEMPLATE
+    text = prompt_tables.apply_chat_template(tokenizer, "  Pick one.  ")
     assert text == ("<bos><start_of_turn>user\nPick one.<end_of_turn>\n"
                     "<start_of_turn>model\n")
 
@@ -186,7 +188,7 @@ def test_answer_distribution_ignores_state_and_order(tokenizer, policy):
         rows = []
         for name in games.GAME_NAMES:
             for order in prompts.TABLE_ORDERS:
-                table = prompts.build_prompt_table(
+                table = prompt_tables.build_prompt_table(
                     tokenizer, games.GAMES[name].payoffs, actions=actions,
                     table_order=order, pad_to=200)
                 per_digit = [probe(policy, table, jnp.asarray(

@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import json
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -272,3 +273,26 @@ def test_unknown_config_variant_is_refused():
         config_lib.experiment_config("oponent=ad", reward="util")
     with pytest.raises(ValueError, match="opponent.*'llm2'"):
         config_lib.experiment_config("opponent=llm2", reward="util")
+
+
+def test_chunks_make_no_implicit_transfer_and_compile_once(monkeypatch):
+    # The chunk is traced once for a chunk length and reused by every later
+    # chunk; inside it nothing moves between host and device implicitly (a
+    # Python or numpy value reaching a device op, an array read back by
+    # float() or np.asarray): only the explicit jax.device_get of the
+    # chunk's metrics after it.
+    chex.clear_trace_counter()
+    monkeypatch.setattr(train, "train_chunk", chex.assert_max_traces(train.train_chunk, n=1))
+    cfg = experiment(tiny_config(seeds=(1, 2), num_episodes=6, episodes_per_chunk=2))
+    run = train.build_run(cfg, devices=jax.devices()[:2])
+    episodes = []
+    with jax.transfer_guard("disallow"):
+        for _ in range(3):
+            metrics, stats = run.advance(2)
+            episodes.append(np.asarray(jax.device_get(run.learners.episode)))
+    assert [e.tolist() for e in episodes] == [[2, 2], [4, 4], [6, 6]]
+    assert metrics["action_type"].shape == (2, 2, cfg.run.batch_size)
+    assert run.chunk_fn(2)._cache_size() == 1
+    # The guard bites: an implicit transfer in the same setting is refused.
+    with jax.transfer_guard("disallow"), pytest.raises(Exception, match="[Dd]isallowed"):
+        jax.jit(lambda x: x + 1)(np.ones(2, np.float32))

@@ -47,8 +47,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moraljax import action_matcher
 from moraljax import games
 from moraljax import opponents
+from moraljax import prompt_tables
 from moraljax import prompts
 from moraljax import rewards
 from moraljax.llm import decoder
@@ -90,8 +92,8 @@ class Environment:
     """
 
     game: games.MatrixGame
-    prompts: prompts.PromptTable
-    matcher: prompts.ActionMatcher
+    prompts: prompt_tables.PromptTable
+    matcher: action_matcher.ActionMatcher
 
 
 @flax.struct.dataclass
@@ -325,7 +327,7 @@ def rollout_episode(
             key_dropout,
             settings,
         )
-        action = prompts.match_actions(env.matcher, sample.tokens)
+        action = action_matcher.match_actions(env.matcher, sample.tokens)
         fixed_move = jax.vmap(opponents.fixed_opponent_move)(setup.opponent, state, key_opponent)
         # A learning opponent's move is its own parsed answer in this step.
         partner_action = action[partner]
@@ -362,7 +364,7 @@ def rescore(
     graphdef: nnx.GraphDef,
     frozen: nnx.State,
     trainable: nnx.State,
-    table: prompts.PromptTable,
+    table: prompt_tables.PromptTable,
     decisions: Decisions,
 ) -> Decisions:
     """Old log-probs and values of the sampled answers, without dropout.
@@ -403,7 +405,7 @@ class ReferencePrefix:
 
 
 def reference_prefix(
-    graphdef: nnx.GraphDef, frozen: nnx.State, trainable_one: nnx.State, table: prompts.PromptTable, gen_len: int
+    graphdef: nnx.GraphDef, frozen: nnx.State, trainable_one: nnx.State, table: prompt_tables.PromptTable, gen_len: int
 ) -> ReferencePrefix:
     """Prefills the base model (adapter off) on all prompts of the table.
 

@@ -26,7 +26,7 @@ What the script does, in order:
    every prompt moraljax renders (``prompts.py``: all games, both sides,
    both action-string pairs, all table orders, all prompt families, with and
    without the value preambles). The chat template is
-   ``prompts.GEMMA_CHAT_TEMPLATE``; like Gemma's, ``encode(text)`` with
+   ``prompt_tables.GEMMA_CHAT_TEMPLATE``; like Gemma's, ``encode(text)`` with
    special tokens prepends <bos> (the prompt tables tokenise without them,
    since the template writes <bos> itself).
 2. Config (``training.tiny_config``): a 2-layer Gemma-2 (D 64, 2 query heads, 1 kv
@@ -90,6 +90,7 @@ from absl import logging
 from flax import nnx
 
 from moraljax import games
+from moraljax import prompt_tables
 from moraljax import prompts
 from moraljax.llm import checkpoints
 from moraljax.llm import decoder
@@ -201,7 +202,7 @@ def check_checkpoint(checkpoint_dir: str | pathlib.Path) -> None:
         checkpoint_dir, key=jax.random.key(0), lora=None)
     for actions in (prompts.TRAIN_ACTIONS, prompts.TEST_ACTIONS):
         for name in games.EVALUATION_GAME_NAMES:
-            table = prompts.build_prompt_table(
+            table = prompt_tables.build_prompt_table(
                 tokenizer, games.GAMES[name].payoffs, actions=actions)
             shares = probes.answer_shares(policy, tokenizer, table, actions,
                                    jax.random.key(1))

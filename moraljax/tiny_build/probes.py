@@ -15,6 +15,8 @@ import numpy as np
 import optax
 
 from moraljax import games
+from moraljax import action_matcher
+from moraljax import prompt_tables
 from moraljax import prompts
 from moraljax.llm import checkpoints
 from moraljax.llm import lora as lora_lib
@@ -39,7 +41,7 @@ PROBE_RULES = {
 }
 
 
-def answer_probabilities(policy: policy_lib.Policy, table: prompts.PromptTable,
+def answer_probabilities(policy: policy_lib.Policy, table: prompt_tables.PromptTable,
                          answers: jax.Array, *, lora_enabled: bool = True
                          ) -> jax.Array:
     """p(answer token | prompt, earlier answer tokens), by teacher forcing.
@@ -111,7 +113,7 @@ def lora_probe(checkpoint_dir: str | pathlib.Path, rule: str, *,
         checkpoint_dir, key=key_lora,
         lora=lora_lib.LoraConfig(rank=rank, alpha=alpha, dropout=0.0))
     graphdef, trainable, frozen = policy_lib.split_policy(policy)
-    table = prompts.build_prompt_table(tokenizer,
+    table = prompt_tables.build_prompt_table(tokenizer,
                                        games.GAMES["IPD"].payoffs)
     digits = training.action_digit_ids(tokenizer, prompts.TRAIN_ACTIONS)
     prefix_id = training.single_token(tokenizer, training.ANSWER_PREFIX)
@@ -155,7 +157,7 @@ def lora_probe(checkpoint_dir: str | pathlib.Path, rule: str, *,
 
 @functools.partial(jax.jit, static_argnames=("samples_per_prompt", "gen_len",
                                              "lora_enabled"))
-def sample_answers(policy: policy_lib.Policy, table: prompts.PromptTable,
+def sample_answers(policy: policy_lib.Policy, table: prompt_tables.PromptTable,
                    key: jax.Array, *, samples_per_prompt: int, gen_len: int,
                    lora_enabled: bool = True) -> jax.Array:
     """Many sampled answers per prompt, each prompt prefilled once.
@@ -183,7 +185,7 @@ def sample_answers(policy: policy_lib.Policy, table: prompts.PromptTable,
     return out.tokens
 
 
-def answer_shares(policy: policy_lib.Policy, tokenizer, table: prompts.PromptTable,
+def answer_shares(policy: policy_lib.Policy, tokenizer, table: prompt_tables.PromptTable,
                   actions: Sequence[str], key: jax.Array, *,
                   samples_per_prompt: int = 256, gen_len: int = 2,
                   lora_enabled: bool = True) -> dict[str, float]:
@@ -191,7 +193,7 @@ def answer_shares(policy: policy_lib.Policy, tokenizer, table: prompts.PromptTab
 
     Every prompt of the table is answered ``samples_per_prompt`` times
     (``sample_answers``); answers are parsed with the host rule
-    ``prompts.parse_action_host``.
+    ``action_matcher.parse_action_host``.
 
     Args:
         policy: the policy.
@@ -212,9 +214,9 @@ def answer_shares(policy: policy_lib.Policy, tokenizer, table: prompts.PromptTab
     answers, counts = np.unique(tokens, axis=0, return_counts=True)
     totals = collections.Counter()
     for answer, count in zip(answers, counts):
-        totals[prompts.parse_action_host(tokenizer, answer, actions)] += count
+        totals[action_matcher.parse_action_host(tokenizer, answer, actions)] += count
     total = int(counts.sum())
     return {"C": totals[0] / total, "D": totals[1] / total,
-            "illegal": totals[prompts.NO_ACTION] / total}
+            "illegal": totals[action_matcher.NO_ACTION] / total}
 
 

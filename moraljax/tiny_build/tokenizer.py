@@ -11,7 +11,7 @@ import re
 import string
 from collections.abc import Sequence
 
-from moraljax import prompts
+from moraljax import prompt_tables
 
 # ---------------------------------------------------------------------------
 # Tokenizer.
@@ -151,7 +151,7 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int = VOCAB_SIZE):
 
     Returns:
         A ``transformers.PreTrainedTokenizerFast`` with Gemma's special tokens
-        and ``prompts.GEMMA_CHAT_TEMPLATE``.
+        and ``prompt_tables.GEMMA_CHAT_TEMPLATE``.
     """
     import transformers  # Heavy; only needed to build and save.
 
@@ -160,7 +160,7 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int = VOCAB_SIZE):
         tokenizer_object=_backend_tokenizer(vocab, merges),
         bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
         additional_special_tokens=[START_OF_TURN, END_OF_TURN],
-        chat_template=prompts.GEMMA_CHAT_TEMPLATE,
+        chat_template=prompt_tables.GEMMA_CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
         padding_side="left",
         model_max_length=8192)

@@ -17,7 +17,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from moraljax import prompts
+from moraljax import prompt_tables
 from moraljax.llm import decoder
 from moraljax.llm import decoder_config
 from moraljax.llm import policy as policy_lib
@@ -178,7 +178,7 @@ def build_training_set(tokenizer, specs: Sequence[corpus.PromptSpec], *,
     prefix_id = single_token(tokenizer, ANSWER_PREFIX)
     end_of_turn = single_token(tokenizer, tokenizer_lib.END_OF_TURN)
     eos = single_token(tokenizer, tokenizer_lib.EOS)
-    table = prompts.tokenize_prompts(tokenizer, [spec.text for spec in specs])
+    table = prompt_tables.tokenize_prompts(tokenizer, [spec.text for spec in specs])
     count = len(specs)
     answers = np.zeros((count, NUM_TARGETS - 1), np.int32)
     target_ids = np.zeros((count, NUM_TARGETS, MAX_TARGET_TOKENS), np.int32)

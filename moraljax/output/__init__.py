@@ -1,0 +1,1 @@
+"""Host outputs: metric names, statistics, CSV, markdown, figures, TensorBoard and the reports."""
