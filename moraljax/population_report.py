@@ -115,15 +115,10 @@ class PopulationWriter:
         partner = np.asarray(decisions["partner"])[..., 0]
         payoff = episode_payoffs(decisions)
         types = [learner["condition"] for learner in self._learners]
-        exists = self.path.exists()
-        with self.path.open("a", newline="") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            if not exists:
-                writer.writerow(_POPULATION_COLUMNS)
-            for k, episode in enumerate(episodes):
-                for n, learner in enumerate(self._learners):
-                    writer.writerow([int(episode), n, learner["seed"], learner["member"], types[n],
-                                     int(partner[k, n]), types[int(partner[k, n])], f"{payoff[k, n]:.6g}"])
+        _append_rows(self.path, _POPULATION_COLUMNS, (
+            [int(episode), n, learner["seed"], learner["member"], types[n],
+             int(partner[k, n]), types[int(partner[k, n])], f"{payoff[k, n]:.6g}"]
+            for k, episode in enumerate(episodes) for n, learner in enumerate(self._learners)))
         if "selection_choice" in decisions:
             self._write_selections(episodes, decisions, types)
 
@@ -132,17 +127,22 @@ class PopulationWriter:
         """Appends selection.csv rows from the "selection_*" records ([K, N, B], equal over B)."""
         first = {name: np.asarray(decisions[f"selection_{name}"])[..., 0]
                  for name in ("choice", "choice_move", "offered_c", "honoured")}
-        exists = self.selection_path.exists()
-        with self.selection_path.open("a", newline="") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            if not exists:
-                writer.writerow(_SELECTION_COLUMNS)
-            for k, episode in enumerate(episodes):
-                for n in range(len(self._learners)):
-                    choice = int(first["choice"][k, n])
-                    writer.writerow([int(episode), n, types[n], choice, types[choice] if choice >= 0 else "illegal",
-                                     ("none", "C", "D")[int(first["choice_move"][k, n]) + 1],
-                                     int(first["offered_c"][k, n]), int(first["honoured"][k, n])])
+        choice = first["choice"].astype(int)
+        _append_rows(self.selection_path, _SELECTION_COLUMNS, (
+            [int(episode), n, types[n], choice[k, n], types[choice[k, n]] if choice[k, n] >= 0 else "illegal",
+             ("none", "C", "D")[int(first["choice_move"][k, n]) + 1],
+             int(first["offered_c"][k, n]), int(first["honoured"][k, n])]
+            for k, episode in enumerate(episodes) for n in range(len(self._learners))))
+
+
+def _append_rows(path: pathlib.Path, columns: Sequence[str], rows) -> None:
+    """Appends rows to a CSV file, writing the header first when the file is new."""
+    exists = path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        if not exists:
+            writer.writerow(columns)
+        writer.writerows(rows)
 
 
 def who_selected_whom(workdir: str | pathlib.Path, types: Sequence[str]) -> np.ndarray:
