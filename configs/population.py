@@ -16,7 +16,13 @@ Variants (ARG after ':'):
     population=ut_s    4 Utilitarian + 4 Selfish;
     population=small   1 each of UT, S, VEk, Vagg (4 members);
     model=tiny|<local Gemma2 directory>  (default: the built-in tiny model,
-        with config_lib.tiny_model_overrides).
+        with config_lib.tiny_model_overrides);
+    matching=random|selection  (default random). With selection every member
+        names its partner among 2 candidates shown with their last moves
+        (docs/POPULATIONS.md). On the tiny model the members are called
+        action0, action1, ... (its answers are "action" + one digit, so at
+        most 10 members: the default population is then `small`); on a real
+        model agent0, agent1, ...
 Defaults: 2 seeds, 1000 episodes of 3 decisions.
 
 Outputs (besides the ordinary run's): action_types.png has one panel per
@@ -57,11 +63,16 @@ def composition(name: str) -> str:
 
 def get_config(arg=None):
     variant = config_lib.parse_variant(
-        arg, defaults={"population": "S", "model": config_lib.TINY_MODEL},
-        allowed={"population": tuple(AIES_TYPES) + tuple(SMALL_POPULATIONS), "model": None})
+        arg, defaults={"population": "", "model": config_lib.TINY_MODEL, "matching": "random"},
+        allowed={"population": tuple(AIES_TYPES) + tuple(SMALL_POPULATIONS), "model": None,
+                 "matching": config_lib.MATCHING_RULES})
     config = config_lib.experiment_config(f"model={variant['model']}", reward="game")
     config.opponent.name = "llm"
-    config.population = {"composition": composition(variant["population"]), "matching": "random"}
+    tiny_selection = variant["matching"] == "selection" and variant["model"] == config_lib.TINY_MODEL
+    population = variant["population"] or ("small" if tiny_selection else "S")
+    config.population = {"composition": composition(population), "matching": variant["matching"]}
+    if tiny_selection:
+        config.population.name_prefix = "action"
     config.run.batch_size = 3
     config.run.seeds = (1, 2)
     config.run.num_episodes = 1000

@@ -113,7 +113,9 @@ class Condition:
         return f"{label}_vs_{self.opponent}"
 
 
-MATCHING_RULES = ("random",)
+MATCHING_RULES = ("random", "selection")
+# Most selection prompts a population may need (population.candidates, SPEC 10).
+MAX_SELECTION_PROMPTS = 4096
 
 
 def parse_composition(text: str) -> tuple[tuple[str, int], ...]:
@@ -145,16 +147,38 @@ class PopulationSettings:
             Every member is a learner (own LoRA, value head, optimiser, score
             normaliser) over the one frozen base; each seed is one population.
         matching: how members are paired each episode: "random" (a fresh
-            random perfect matching drawn in jit).
+            random perfect matching drawn in jit) or "selection" (every
+            member names a partner among `candidates` shown to it, docs/
+            POPULATIONS.md).
+        candidates: with "selection", how many other members (k) each
+            selector is shown, each with its last move.
+        name_prefix: with "selection", member m is called f"{prefix}{m}" in
+            the selection prompt and answers with such a name; every name
+            must fit in the answer's gen_len tokens.
     """
 
     composition: str = ""
     matching: str = "random"
+    candidates: int = 2
+    name_prefix: str = "agent"
 
     def __post_init__(self):
         if self.composition:
             parse_composition(self.composition)
         validation.check_choice("population.matching", self.matching, MATCHING_RULES)
+        validation.check_positive_int("population.candidates", self.candidates)
+        if not isinstance(self.name_prefix, str) or self.name_prefix != self.name_prefix.strip():
+            validation.fail("population.name_prefix", self.name_prefix, "a string without leading or trailing blanks")
+        size = len(self.members())
+        if self.selecting() and not 1 <= self.candidates <= size - 1:
+            validation.fail("population.candidates", self.candidates, f"1 .. {size - 1} (the other members)")
+        if self.selecting() and (3 * size) ** self.candidates > MAX_SELECTION_PROMPTS:
+            validation.fail("population.candidates", self.candidates,
+                 f"(3 x members)^candidates <= {MAX_SELECTION_PROMPTS} selection prompts")
+
+    def selecting(self) -> bool:
+        """Whether members choose their partners (matching "selection")."""
+        return bool(self.composition) and self.matching == "selection"
 
     def members(self) -> tuple[str, ...]:
         """The type (reward name) of every member, in composition order."""
@@ -324,6 +348,10 @@ class ExperimentConfig:
 
     def __post_init__(self):
         self.ppo.mini_batch_size(self.run.batch_size)  # raises if it does not divide
+        if self.population.selecting() and (self.run.batch_size + 1) % self.ppo.num_minibatches:
+            validation.fail("ppo.num_minibatches", self.ppo.num_minibatches,
+                 f"a divisor of run.batch_size + 1 = {self.run.batch_size + 1} with matching=selection"
+                 " (the selection is one more response per episode)")
         if self.population.composition and self.conditions:
             validation.fail("conditions", [c.name for c in self.conditions],
                  "none with population.composition (a population's conditions are its types)")

@@ -15,6 +15,14 @@ summarises them per type. This module adds what only a population has:
                             over members), Gini coefficient and minimum of the
                             members' payoffs
     social_outcomes.png     the three over episodes, mean and 95% CI over seeds
+    selection.csv           with partner selection: one row per (episode,
+                            learner): the chosen member's learner index and
+                            type (-1 and "illegal" for an illegal answer), its
+                            last move as shown (C, D, none), the number of
+                            shown candidates that last played C, and whether
+                            the choice was honoured
+    who_selected_whom.csv/png  legal choices of a member of the row type
+                            naming a member of the column type (all seeds)
     population_summary.json / .md   the final window: per type cooperation,
                             defection and illegal shares, and the social
                             outcomes, each a mean with a 95% CI over seeds
@@ -42,6 +50,9 @@ from moraljax import rewards
 from moraljax import workdir as workdir_lib
 
 POPULATION_FILENAME = "population.csv"
+SELECTION_FILENAME = "selection.csv"
+_SELECTION_COLUMNS = ("episode", "learner", "type", "choice", "choice_type", "choice_move", "offered_c",
+                      "honoured")
 _POPULATION_COLUMNS = ("episode", "learner", "seed", "member", "type", "partner", "partner_type", "payoff")
 _NUM_LEGAL_TYPES = 4  # C|C, C|D, D|C, D|D come before the illegal action types.
 
@@ -85,10 +96,12 @@ class PopulationWriter:
     def __init__(self, workdir: str | pathlib.Path, learners: Sequence[Mapping[str, Any]], *, is_writer: bool,
                  start_episode: int = 0):
         self.path = pathlib.Path(workdir) / POPULATION_FILENAME
+        self.selection_path = pathlib.Path(workdir) / SELECTION_FILENAME
         self.is_writer = is_writer
         self._learners = [dict(learner) for learner in learners]
-        if is_writer and self.path.exists():
-            reporting._truncate_metrics(self.path, int(start_episode))
+        for path in (self.path, self.selection_path):
+            if is_writer and path.exists():
+                reporting._truncate_metrics(path, int(start_episode))
 
     def write_chunk(self, episodes: np.ndarray, decisions: Mapping[str, np.ndarray]) -> None:
         """Appends one row per (episode, learner) of a chunk.
@@ -102,15 +115,44 @@ class PopulationWriter:
         partner = np.asarray(decisions["partner"])[..., 0]
         payoff = episode_payoffs(decisions)
         types = [learner["condition"] for learner in self._learners]
-        exists = self.path.exists()
-        with self.path.open("a", newline="") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            if not exists:
-                writer.writerow(_POPULATION_COLUMNS)
-            for k, episode in enumerate(episodes):
-                for n, learner in enumerate(self._learners):
-                    writer.writerow([int(episode), n, learner["seed"], learner["member"], types[n],
-                                     int(partner[k, n]), types[int(partner[k, n])], f"{payoff[k, n]:.6g}"])
+        _append_rows(self.path, _POPULATION_COLUMNS, (
+            [int(episode), n, learner["seed"], learner["member"], types[n],
+             int(partner[k, n]), types[int(partner[k, n])], f"{payoff[k, n]:.6g}"]
+            for k, episode in enumerate(episodes) for n, learner in enumerate(self._learners)))
+        if "selection_choice" in decisions:
+            self._write_selections(episodes, decisions, types)
+
+    def _write_selections(self, episodes: np.ndarray, decisions: Mapping[str, np.ndarray],
+                          types: Sequence[str]) -> None:
+        """Appends selection.csv rows from the "selection_*" records ([K, N, B], equal over B)."""
+        first = {name: np.asarray(decisions[f"selection_{name}"])[..., 0]
+                 for name in ("choice", "choice_move", "offered_c", "honoured")}
+        choice = first["choice"].astype(int)
+        _append_rows(self.selection_path, _SELECTION_COLUMNS, (
+            [int(episode), n, types[n], choice[k, n], types[choice[k, n]] if choice[k, n] >= 0 else "illegal",
+             ("none", "C", "D")[int(first["choice_move"][k, n]) + 1],
+             int(first["offered_c"][k, n]), int(first["honoured"][k, n])]
+            for k, episode in enumerate(episodes) for n in range(len(self._learners))))
+
+
+def _append_rows(path: pathlib.Path, columns: Sequence[str], rows) -> None:
+    """Appends rows to a CSV file, writing the header first when the file is new."""
+    exists = path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        if not exists:
+            writer.writerow(columns)
+        writer.writerows(rows)
+
+
+def who_selected_whom(workdir: str | pathlib.Path, types: Sequence[str]) -> np.ndarray:
+    """int [types, types]: legal choices of a row-type member naming a column-type member (selection.csv)."""
+    with (pathlib.Path(workdir) / SELECTION_FILENAME).open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if int(row["choice"]) >= 0]
+    index = {name: i for i, name in enumerate(types)}
+    matrix = np.zeros((len(types), len(types)), np.int64)
+    np.add.at(matrix, ([index[row["type"]] for row in rows], [index[row["choice_type"]] for row in rows]), 1)
+    return matrix
 
 
 def _read_population(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -213,7 +255,8 @@ def _summary_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot_matrix(matrix: np.ndarray, types: Sequence[str], title: str, out_png: pathlib.Path) -> None:
+def _plot_matrix(matrix: np.ndarray, types: Sequence[str], title: str, out_png: pathlib.Path, *,
+                 column_label: str = "partner's type") -> None:
     figure = matplotlib_figure.Figure(figsize=(1.2 + 0.55 * len(types), 1.0 + 0.5 * len(types)))
     axis = figure.add_subplot()
     image = axis.imshow(matrix, cmap="Blues")
@@ -223,7 +266,7 @@ def _plot_matrix(matrix: np.ndarray, types: Sequence[str], title: str, out_png: 
     for i in range(len(types)):
         for j in range(len(types)):
             axis.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize="x-small")
-    axis.set_xlabel("partner's type")
+    axis.set_xlabel(column_label)
     axis.set_ylabel("member's type")
     axis.set_title(title, fontsize="small")
     figure.colorbar(image, ax=axis, shrink=0.8)
@@ -263,6 +306,11 @@ def write_population_report(workdir: str | pathlib.Path, *, final_fraction: floa
     matrix = np.asarray(summary["who_played_whom"]["counts"])
     _write_matrix_csv(matrix, types, workdir / "who_played_whom.csv")
     _plot_matrix(matrix, types, "who played whom (episodes, all seeds)", workdir / "who_played_whom.png")
+    if (workdir / SELECTION_FILENAME).exists():
+        selected = who_selected_whom(workdir, types)
+        _write_matrix_csv(selected, types, workdir / "who_selected_whom.csv")
+        _plot_matrix(selected, types, "who selected whom (legal choices, all seeds)", workdir / "who_selected_whom.png",
+                     column_label="chosen member's type")
     outcomes = social_outcomes(_read_population(workdir / POPULATION_FILENAME))
     lines = ["episode,seed," + ",".join(_OUTCOMES)]
     for e, episode in enumerate(outcomes["episode"]):

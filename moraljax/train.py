@@ -69,6 +69,10 @@ class LearnerState:
         kl: the KL controller (beta).
         episode: int32, episodes completed.
         key: the learner's base PRNG key (constant; episode keys fold it).
+        last_move: with partner selection only, int32 the learner's parsed
+            answer in the last decision of its last episode (-1 none or
+            illegal, 0 C, 1 D), shown to selectors; None otherwise, so runs
+            without selection keep their checkpoint tree.
     """
 
     trainable: Any
@@ -77,6 +81,7 @@ class LearnerState:
     kl: ppo.KLController
     episode: jax.Array
     key: jax.Array
+    last_move: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +99,8 @@ class ChunkSettings:
     population_size: int = 0
     # Learners that are population members (the first ones; inert padding after).
     population_members: int = 0
+    # Candidates shown to each selector (matching "selection"); 0 = no selection.
+    selection_candidates: int = 0
 
 
 def init_learners(
@@ -132,15 +139,17 @@ def _update_one(
     table: prompt_tables.PromptTable,
     settings: ChunkSettings,
     learner: LearnerState,
-    decisions: rollout.Decisions,
+    batch: dict[str, jax.Array],
     ref_logprobs: jax.Array,
     key: jax.Array,
 ) -> tuple[LearnerState, dict[str, jax.Array]]:
-    """One PPO step of one learner on its B decisions (SPEC 6).
+    """One PPO step of one learner on its responses of an episode (SPEC 6).
 
-    Old log-probs and values are `decisions.logprobs` / `.values`, from a
-    dropout-free forward (rollout.py); `ppo_update` hands the forward a
-    dropout key only with `ppo.dropout_in_update` (rl/ppo.py).
+    `batch` ("prompt_row", "tokens", "reward", "logprobs", "values") holds
+    its B decisions, plus its selection answer last with partner selection
+    (`_ppo_batch`). Old log-probs and values come from a dropout-free forward
+    (rollout.py); `ppo_update` hands the forward a dropout key only with
+    `ppo.dropout_in_update` (rl/ppo.py).
     """
 
     def forward(trainable, minibatch, dropout_key):
@@ -162,11 +171,11 @@ def _update_one(
         ppo.make_optimizer(settings.ppo),
         learner.moments,
         learner.kl,
-        {"prompt_row": decisions.prompt_row, "tokens": decisions.tokens},
-        scores=decisions.reward,
-        old_logprobs=decisions.logprobs,
+        {"prompt_row": batch["prompt_row"], "tokens": batch["tokens"]},
+        scores=batch["reward"],
+        old_logprobs=batch["logprobs"],
         ref_logprobs=ref_logprobs,
-        old_values=decisions.values,
+        old_values=batch["values"],
         key=key,
         cfg=settings.ppo,
         stochastic=settings.stochastic,
@@ -179,6 +188,25 @@ def _update_one(
         episode=learner.episode + 1,
     )
     return learner, result.stats
+
+
+_PPO_FIELDS = ("prompt_row", "tokens", "reward", "logprobs", "values")
+
+
+def _ppo_batch(decisions: rollout.Decisions) -> dict[str, jax.Array]:
+    """Every learner's PPO inputs [N, B(+1), ...]: the decisions, then the selection answer if any."""
+    batch = {name: getattr(decisions, name) for name in _PPO_FIELDS}
+    if decisions.selection is not None:
+        batch = {name: jnp.concatenate([value, getattr(decisions.selection, name)[:, None]], axis=1)
+                 for name, value in batch.items()}
+    return batch
+
+
+def _selection_metrics(selection: rollout.Selections, batch_size: int) -> dict[str, jax.Array]:
+    """The selection records as per-decision metrics [N, B] (repeated over the episode's decisions)."""
+    names = ("choice", "choice_move", "offered_c", "honoured")
+    return {f"selection_{name}": jnp.repeat(getattr(selection, name)[:, None], batch_size, axis=1)
+            for name in names}
 
 
 def train_chunk(
@@ -214,13 +242,19 @@ def train_chunk(
             settings=settings.sampling,
             population_size=settings.population_size,
             population_members=settings.population_members,
+            selection_candidates=settings.selection_candidates,
+            last_move=learners.last_move,
         )
-        rows, tokens = rollout.flatten_learners((decisions.prompt_row, decisions.tokens))
+        batch = _ppo_batch(decisions)
+        rows, tokens = rollout.flatten_learners((batch["prompt_row"], batch["tokens"]))
         ref = rollout.reference_logprobs(graphdef, frozen, trainable_one, prefix, rows, tokens)
-        ref = ref.reshape(decisions.logprobs.shape)
+        ref = ref.reshape(batch["logprobs"].shape)
         update = functools.partial(_update_one, graphdef, frozen, env.prompts, settings)
-        learners, stats = jax.vmap(update)(learners, decisions, ref, key_update)
+        learners, stats = jax.vmap(update)(learners, batch, ref, key_update)
         metrics = {name: getattr(decisions, name) for name in DECISION_METRICS} | decisions.named_rewards
+        if decisions.selection is not None:
+            learners = learners.replace(last_move=decisions.action[:, -1])
+            metrics |= _selection_metrics(decisions.selection, settings.batch_size)
         return learners, (metrics, stats)
 
     learners, (metrics, stats) = jax.lax.scan(one_episode, learners, None, length=settings.num_episodes)
@@ -415,6 +449,7 @@ class Run:
             stochastic=self.cfg.lora.dropout > 0 or self.cfg.model.value_head_dropout > 0,
             population_size=len(self.cfg.population.members()),
             population_members=self.num_real if self.cfg.population.composition else 0,
+            selection_candidates=self.cfg.population.candidates if self.cfg.population.selecting() else 0,
         )
 
     def chunk_fn(self, num_episodes: int) -> Callable:
@@ -494,6 +529,27 @@ def _population_setups(cfg: config_lib.ExperimentConfig) -> tuple[list[rollout.L
     return setups, info
 
 
+def _with_selection_prompts(env: rollout.Environment, cfg: config_lib.ExperimentConfig, tokenizer,
+                            gen_len: int) -> rollout.Environment:
+    """`env` with the selection prompts after the game prompts, and the matcher of the members' names."""
+    from moraljax import selection
+
+    names = selection.member_names(cfg.population.name_prefix, len(cfg.population.members()))
+    table, matcher = selection.build_selection_table(tokenizer, names, cfg.population.candidates,
+                                                     cfg.prompt.actions, gen_len)
+    game_rows = env.prompts.ids.shape[0]
+    width = max(env.prompts.ids.shape[1], table.ids.shape[1])
+
+    def left_pad(array, value):  # Every prompt still ends in the last column.
+        return jnp.pad(array, ((0, 0), (width - array.shape[1], 0)), constant_values=value)
+
+    ids = jnp.concatenate([left_pad(env.prompts.ids, tokenizer.pad_token_id),
+                           left_pad(table.ids, tokenizer.pad_token_id)])
+    mask = jnp.concatenate([left_pad(env.prompts.mask, 0), left_pad(table.mask, 0)])
+    return env.replace(prompts=prompt_tables.PromptTable(ids=ids, mask=mask), selection_matcher=matcher,
+                       selection_first_row=game_rows)
+
+
 def build_run(
     cfg: config_lib.ExperimentConfig,
     *,
@@ -550,11 +606,15 @@ def build_run(
         prompts=rollout.flatten_learners(stacked),  # [2, P, T] -> [2 * P, T]
         matcher=action_matcher.build_action_matcher(tokenizer, actions, gen_len),
     )
+    if cfg.population.selecting():
+        env = _with_selection_prompts(env, cfg, tokenizer, gen_len)
     setup = jax.tree.map(lambda *xs: jnp.stack(xs), *setups)
     policy.model.remat = decoder.remat_for(cfg.model.remat, policy.config.num_hidden_layers)
     graphdef, _, frozen = policy_lib.split_policy(policy)
     seed_players = [(i["seed"], i.get("member", i["player"])) for i in info]
     learners = init_learners(policy, seed_players + [(0, 0)] * (len(setups) - len(info)), cfg.ppo)
+    if cfg.population.selecting():  # Nobody has played yet.
+        learners = learners.replace(last_move=jnp.full((len(setups),), -1, jnp.int32))
     learner_sh = sharding_lib.learner_sharding(mesh)
     return Run(
         cfg=cfg,

@@ -48,7 +48,7 @@ from moraljax import prompts
 from moraljax import rewards
 from moraljax import validation
 from moraljax.evaluation import protocol
-from moraljax.llm import gemma2
+from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
 from moraljax.rl import rollout
 
@@ -158,7 +158,7 @@ def sample_answers(
     first_option = jax.random.bernoulli(key_option, shape=shape).astype(jnp.int32)
     first_answer = jax.random.bernoulli(key_answer, shape=shape).astype(jnp.int32)
     index = prompts.prompt_index(state.prev_m, state.prev_o, first_option, first_answer)
-    policy = gemma2.merge_policy(graphdef, trainable, frozen)
+    policy = policy_lib.merge_policy(graphdef, trainable, frozen)
     out = sampling.generate(
         policy,
         table.ids[index],

@@ -16,7 +16,11 @@ populations of P members each (contiguous on the learner axis); every
 episode each population is split into pairs by a random perfect matching
 drawn in jit (`population_pairing`), and the two members of a pair play
 exactly as an LLM-vs-LLM pair does, one of them as player 0 and the other as
-player 1 (each seeing the game from its own side).
+player 1 (each seeing the game from its own side). With partner selection
+(`selection_candidates` k > 0) the pairs come instead from every member's
+choice among k candidates (moraljax/selection.py, `_select_partners`): one
+more sampled response per member and episode, recorded in
+`Decisions.selection` and trained by the same PPO step (train.py).
 
 Learners are a leading axis N over one shared frozen base. The decision loop
 is a `lax.scan` over t with every learner advanced together inside, so a
@@ -53,6 +57,7 @@ from moraljax import opponents
 from moraljax import prompt_tables
 from moraljax import prompts
 from moraljax import rewards
+from moraljax import selection as selection_lib
 from moraljax.llm import decoder
 from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
@@ -89,11 +94,18 @@ class Environment:
         prompts: every distinct prompt, [2 * P, T]; row p * P + prompt_index
             is player p's prompt (left-padded).
         matcher: the in-jit action parser for the action strings.
+        selection_matcher: with partner selection, the in-jit parser of a
+            member's name (moraljax/selection.py); None otherwise.
+        selection_first_row: static; with partner selection the selection
+            prompts follow the game prompts in `prompts` from this row on
+            (0: no selection prompts).
     """
 
     game: games.MatrixGame
     prompts: prompt_tables.PromptTable
     matcher: action_matcher.ActionMatcher
+    selection_matcher: action_matcher.ActionMatcher | None = None
+    selection_first_row: int = flax.struct.field(pytree_node=False, default=0)
 
 
 @flax.struct.dataclass
@@ -142,6 +154,7 @@ class Decisions:
             (rewards.REWARD_NAMES) of the same decision, for the metrics.
         regret_deont, regret_util: float32 moral regrets (SPEC 8).
         action_type: int32 index into games.ACTION_TYPE_NAMES.
+        selection: `Selections` [N] of the episode with partner selection, else None.
     """
 
     prompt_row: jax.Array
@@ -160,6 +173,36 @@ class Decisions:
     regret_deont: jax.Array
     regret_util: jax.Array
     action_type: jax.Array
+    selection: Any = None
+
+
+@flax.struct.dataclass
+class Selections:
+    """Every member's partner selection of one episode, leading axis N.
+
+    Attributes:
+        prompt_row: int32 row of `Environment.prompts` (a selection prompt).
+        tokens, logprobs, values: [N, L] the answer, as in `Decisions`.
+        choice: int32 learner index of the chosen member, -1 for an illegal
+            answer (not the name of a shown candidate).
+        choice_move: int32 the chosen candidate's last move as shown (-1
+            none or an illegal choice, 0 C, 1 D).
+        offered_c: int32 how many of the shown candidates last played C.
+        honoured: bool, the member plays the partner it chose.
+        reward: float32 training reward of the answer: the mean training
+            reward of the member's B decisions that follow, or the member's
+            illegal penalty for an illegal choice.
+    """
+
+    prompt_row: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    values: jax.Array
+    choice: jax.Array
+    choice_move: jax.Array
+    offered_c: jax.Array
+    honoured: jax.Array
+    reward: jax.Array
 
 
 def current_reward(setup: LearnerSetup, episode: jax.Array) -> rewards.RewardSpec:
@@ -247,6 +290,78 @@ def population_pairing(keys: jax.Array, population_size: int) -> tuple[jax.Array
     return partner.reshape(num_learners).astype(jnp.int32), player.reshape(num_learners).astype(jnp.int32)
 
 
+# fold_in constants of the selection streams (candidates and answer; turn order).
+_SELECTION_STREAM = 0x73656C65  # "sele"
+_TURN_STREAM = 0x7475726E  # "turn"
+
+
+def _select_partners(
+    graphdef: nnx.GraphDef,
+    frozen: nnx.State,
+    trainable: nnx.State,
+    env: Environment,
+    keys: jax.Array,
+    last_move: jax.Array,
+    *,
+    population_size: int,
+    members: int,
+    num_candidates: int,
+    settings: SamplingSettings,
+) -> tuple[jax.Array, jax.Array, Selections]:
+    """Every learner's selection step; the pairs of the members (moraljax/selection.py).
+
+    Args:
+        keys: [N] PRNG keys of this episode.
+        last_move: int32 [N] each learner's last parsed move.
+        population_size: static P.
+        members: static; learners [0, members) are population members.
+        num_candidates: static k.
+
+    Returns:
+        (partner int32 [members] global index, player int32 [members],
+        `Selections` [N] with `reward` zero: the game sets it).
+    """
+    num_learners = keys.shape[0]
+    size = population_size
+    learner = jnp.arange(num_learners)
+    base = (learner // size) * size
+    split = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, _SELECTION_STREAM), 3))(keys)
+    key_candidates, key_sample, key_dropout = jnp.moveaxis(split, 1, 0)
+    candidates = jax.vmap(selection_lib.draw_candidates, in_axes=(0, 0, None, None))(
+        key_candidates, learner % size, size, num_candidates)  # [N, k] local numbers
+    # Inert padding may index past the axis; its selection is never used.
+    shown = jnp.minimum(candidates + base[:, None], num_learners - 1)
+    shown_moves = last_move[shown]
+    row = env.selection_first_row + selection_lib.selection_row(candidates, shown_moves, size)
+    sample = jax.vmap(_sample_one, in_axes=(None, None, 0, 0, 0, 0, 0, None))(
+        graphdef, frozen, trainable, env.prompts.ids[row], env.prompts.mask[row], key_sample,
+        key_dropout if settings.dropout else None, settings)
+    named = action_matcher.match_actions(env.selection_matcher, sample.tokens)  # local number or -1
+    legal = jnp.any(candidates == named[:, None], axis=1)
+    choice_local = jnp.where(legal, named, -1)
+    choice_move = jnp.where(legal, jnp.sum(jnp.where(candidates == named[:, None], shown_moves, 0), axis=1), -1)
+
+    num_populations = members // size
+    first_keys = keys[:members].reshape((num_populations, size) + keys.shape[1:])[:, 0]
+    orders = jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, _TURN_STREAM), size))(first_keys)
+    partner, player, honoured = jax.vmap(selection_lib.resolve_pairs)(
+        orders, choice_local[:members].reshape(num_populations, size))
+    partner = (partner + base[:members].reshape(num_populations, size)).reshape(members)
+    honoured = jnp.concatenate([honoured.reshape(members), jnp.zeros((num_learners - members,), bool)])
+    record = Selections(
+        prompt_row=row,
+        tokens=sample.tokens,
+        logprobs=sample.logprobs,
+        values=sample.values,
+        choice=jnp.where(legal, named + base, -1).astype(jnp.int32),
+        choice_move=choice_move.astype(jnp.int32),
+        offered_c=jnp.sum(shown_moves == 0, axis=1).astype(jnp.int32),
+        honoured=honoured,
+        reward=jnp.zeros((num_learners,), jnp.float32),
+    )
+    return partner, player.reshape(members), record
+
+
 def rollout_episode(
     graphdef: nnx.GraphDef,
     frozen: nnx.State,
@@ -260,6 +375,8 @@ def rollout_episode(
     settings: SamplingSettings,
     population_size: int = 0,
     population_members: int = 0,
+    selection_candidates: int = 0,
+    last_move: jax.Array | None = None,
 ) -> Decisions:
     """Plays one episode of `batch_size` decisions for every learner.
 
@@ -279,16 +396,25 @@ def rollout_episode(
         population_members: static; the first this many learners are the
             populations' members (0: all); any after them are inert padding
             (sharding.padded_count) that plays its fixed opponent alone.
+        selection_candidates: static k; > 0 with populations: partners come
+            from every member's selection among k candidates (`_select_partners`).
+        last_move: int32 [N] every learner's last parsed move (with selection).
 
     Returns:
         `Decisions` with leading axes [N, B].
     """
-    num_prompts = env.prompts.ids.shape[0] // 2
+    num_prompts = (env.selection_first_row or env.prompts.ids.shape[0]) // 2
     key_init, key_steps = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     state = jax.vmap(opponents.initial_state)(setup.opponent, key_init)
+    chosen = None
     if population_size:
         members = population_members or keys.shape[0]
-        partner, player = population_pairing(keys[:members], population_size)
+        if selection_candidates:
+            partner, player, chosen = _select_partners(
+                graphdef, frozen, trainable, env, keys, last_move, population_size=population_size,
+                members=members, num_candidates=selection_candidates, settings=settings)
+        else:
+            partner, player = population_pairing(keys[:members], population_size)
         padding = jnp.zeros((keys.shape[0] - members,), jnp.int32)
         partner, player = jnp.concatenate([partner, padding]), jnp.concatenate([player, padding])
         has_partner = jnp.arange(keys.shape[0]) < members
@@ -357,6 +483,15 @@ def rollout_episode(
     records = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), records)  # [B, N] -> [N, B]
     if settings.dropout:
         records = rescore(graphdef, frozen, trainable, env.prompts, records)
+    if chosen is not None:
+        if settings.dropout:
+            scored = _score_rows(graphdef, frozen, trainable, env.prompts, chosen.prompt_row[:, None],
+                                 chosen.tokens[:, None])
+            chosen = chosen.replace(logprobs=scored.logprobs[:, 0], values=scored.values[:, 0])
+        # The selection earns the game that follows it (docs/POPULATIONS.md).
+        illegal_penalty = spec.illegal_penalty
+        reward = jnp.where(chosen.choice >= 0, jnp.mean(records.reward, axis=1), illegal_penalty)
+        records = records.replace(selection=chosen.replace(reward=reward.astype(jnp.float32)))
     return records
 
 
@@ -383,12 +518,19 @@ def rescore(
         `decisions` with `logprobs` and `values` from the dropout-free forward.
     """
 
+    scored = _score_rows(graphdef, frozen, trainable, table, decisions.prompt_row, decisions.tokens)
+    return decisions.replace(logprobs=scored.logprobs, values=scored.values)
+
+
+def _score_rows(graphdef: nnx.GraphDef, frozen: nnx.State, trainable: nnx.State, table: prompt_tables.PromptTable,
+                rows: jax.Array, tokens: jax.Array) -> sampling.ScoreOutput:
+    """Dropout-free scores of every learner's responses: rows [N, M], tokens [N, M, L]."""
+
     def one_learner(trainable, rows, tokens):
         policy = policy_lib.merge_policy(graphdef, trainable, frozen)
         return sampling.score_responses(policy, table.ids[rows], table.mask[rows], tokens)
 
-    scored = jax.vmap(one_learner)(trainable, decisions.prompt_row, decisions.tokens)
-    return decisions.replace(logprobs=scored.logprobs, values=scored.values)
+    return jax.vmap(one_learner)(trainable, rows, tokens)
 
 
 @flax.struct.dataclass
