@@ -97,9 +97,9 @@ def test_remat_policies_keep_fewer_bytes_and_bfloat16_keeps_half():
     policy = _policy(jnp.bfloat16)
     none, dots, full = (_saved_bytes(policy, remat) for remat in ("none", "dots", "full"))
     assert full < dots < none
-    # No float32 copies of the activations are kept in bfloat16: what "none"
-    # keeps per layer is under what the same model keeps in float32.
-    assert none < 0.75 * _saved_bytes(_policy(jnp.float32), "none")
+    # "dots" keeps the projections' outputs in the compute dtype: in bfloat16
+    # about half of what the same model keeps in float32, not float32 copies.
+    assert dots < 0.6 * _saved_bytes(_policy(jnp.float32), "dots")
 
 
 def test_model_axis_sharding_equals_one_device(assert_close_to_scale):

@@ -69,8 +69,9 @@ _MAX_UNROLLED_LAYERS = 4
 
 # Rematerialisation of each decoder layer in the backward pass (``Decoder.remat``):
 #   none  keep every activation the backward pass reads (fastest, most memory);
-#   dots  keep the outputs of the layer's weight matmuls, recompute the rest
-#         (norms, activations, attention softmax): little extra work;
+#   dots  keep the outputs of the layer's seven projections (in the compute
+#         dtype, ``lora.PROJECTION_OUTPUT``), recompute the rest (norms,
+#         activations, attention softmax): little extra work;
 #   full  keep only the layer's input, recompute the whole layer (one more
 #         forward pass of the layers in the update).
 REMAT_POLICIES = ("none", "dots", "full")
@@ -85,12 +86,26 @@ def remat_for(policy: str, num_layers: int) -> str:
     return policy
 
 
-def _rematerialised(step, policy: str):
-    """`step` wrapped for the backward pass by a ``REMAT_POLICIES`` name."""
-    if policy == "none":
+_SLICING = (jax.lax.dynamic_slice_p, jax.lax.squeeze_p, jax.lax.reshape_p)
+
+
+def _everything_but_slices(primitive, *args, **params) -> bool:
+    """Remat policy "none" inside a scan: keep every value except slices of the stacked weights (and reshapes)."""
+    del args, params
+    return primitive not in _SLICING
+
+
+def _rematerialised(step, policy: str, *, keep_slices: bool = True):
+    """`step` wrapped for the backward pass by a ``REMAT_POLICIES`` name.
+
+    With ``keep_slices=False`` slices (and reshapes) are recomputed even
+    under "none", for steps that index the stacked weights themselves.
+    """
+    if policy == "none" and keep_slices:
         return step
-    saveable = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots"
-                else jax.checkpoint_policies.nothing_saveable)
+    saveable = {"none": _everything_but_slices,
+                "dots": jax.checkpoint_policies.save_only_these_names(lora_lib.PROJECTION_OUTPUT),
+                "full": jax.checkpoint_policies.nothing_saveable}[policy]
     return jax.checkpoint(step, policy=saveable)
 
 
@@ -637,14 +652,6 @@ class Decoder(nnx.Module):
             x = layer.finish(x, normed, rotary, keys, values, allowed, **lora_kwargs)
             return x, cache_keys, cache_values
 
-        full_layer = _rematerialised(lambda carry, layer_xs: run_layer(carry, layer_xs, None), self.remat)
-
-        def layer_step(carry, index):
-            # The layer's slice is read inside the loop: slicing the stacked
-            # weights outside it (xs[:L-1]) would copy all of them per call.
-            layer_xs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), xs)
-            return full_layer(carry, layer_xs), None
-
         num_layers = config.num_hidden_layers
         trim_last = num_outputs is not None and num_outputs < length
         scanned = num_layers - 1 if trim_last else num_layers
@@ -653,13 +660,31 @@ class Decoder(nnx.Module):
         # slicing those cost as much as a small layer itself. Deep models keep
         # the scan (one layer compiled once).
         if num_layers <= _MAX_UNROLLED_LAYERS:
+            layer = _rematerialised(lambda carry, layer_xs: run_layer(carry, layer_xs, None), self.remat)
             for index in range(scanned):
-                carry = full_layer(carry, jax.tree.map(lambda a, i=index: a[i], xs))
-        elif scanned:
-            carry, _ = jax.lax.scan(layer_step, carry, jnp.arange(scanned))
+                carry = layer(carry, jax.tree.map(lambda a, i=index: a[i], xs))
+            if trim_last:
+                last = _rematerialised(lambda carry, layer_xs: run_layer(carry, layer_xs, num_outputs), self.remat)
+                carry = last(carry, jax.tree.map(lambda a: a[num_layers - 1], xs))
+            return carry
+
+        # Deep models read each layer's slice of the stacked weights inside
+        # the rematerialised step: slicing outside it (xs[:L-1]) would copy all
+        # the weights per call, and a slice the backward pass kept would be
+        # stacked by the scan into a second copy of the base; the policy never
+        # keeps slices, so the backward pass re-reads them by index.
+        def indexed(outputs):
+            def step(carry, index):
+                layer_xs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), xs)
+                return run_layer(carry, layer_xs, outputs)
+
+            return _rematerialised(step, self.remat, keep_slices=False)
+
+        if scanned:
+            layer = indexed(None)
+            carry, _ = jax.lax.scan(lambda carry, index: (layer(carry, index), None), carry, jnp.arange(scanned))
         if trim_last:
-            last_layer = _rematerialised(lambda carry, layer_xs: run_layer(carry, layer_xs, num_outputs), self.remat)
-            carry = last_layer(carry, jax.tree.map(lambda a: a[num_layers - 1], xs))
+            carry = indexed(num_outputs)(carry, jnp.asarray(num_layers - 1))
         return carry
 
     def logits(self, hidden: jax.Array) -> jax.Array:

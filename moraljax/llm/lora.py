@@ -37,6 +37,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 # Every linear layer of a decoder layer, in PEFT's short names. The
 # position in this tuple is also the id folded into a layer's dropout key.
@@ -45,6 +46,11 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # Flax's own LoRA parameter type: tools that know nnx.LoRAParam (and PEFT
 # exporters written against it) see the factors for what they are.
 LoRAParam = nnx.LoRAParam
+
+
+# Name of every projection's output (the layer's result in the compute
+# dtype): what the "dots" rematerialisation policy keeps (decoder.py).
+PROJECTION_OUTPUT = "projection_output"
 
 
 class ValueHeadParam(nnx.Param):
@@ -342,7 +348,7 @@ class LoRALinear(nnx.Module):
             y = y + self.bias[...].astype(jnp.float32)
         y = y.astype(x.dtype)
         if not (self.adapted and lora_enabled):
-            return y.reshape(*lead, kernel.shape[-1])
+            return checkpoint_name(y, PROJECTION_OUTPUT).reshape(*lead, kernel.shape[-1])
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, self.target_id)
         if x.dtype == jnp.float32:
             x_lora = dropout(x, self.dropout_rate, key, suffix_of=suffix_of).reshape(x2.shape)
@@ -358,7 +364,7 @@ class LoRALinear(nnx.Module):
             down = jnp.matmul(x_lora, self.lora_a[...].astype(x.dtype), preferred_element_type=jnp.float32)
             delta = down @ self.lora_b[...]
         out = (y.astype(jnp.float32) + self.scale * delta).astype(y.dtype)
-        return out.reshape(*lead, kernel.shape[-1])
+        return checkpoint_name(out, PROJECTION_OUTPUT).reshape(*lead, kernel.shape[-1])
 
 
 class ValueHead(nnx.Module):
