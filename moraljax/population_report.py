@@ -48,6 +48,8 @@ import numpy as np
 from moraljax import reporting
 from moraljax import rewards
 from moraljax import workdir as workdir_lib
+from moraljax.output import run_report
+from moraljax.output import statistics
 
 POPULATION_FILENAME = "population.csv"
 SELECTION_FILENAME = "selection.csv"
@@ -211,7 +213,7 @@ def summarise_population(workdir: str | pathlib.Path, *, final_fraction: float =
     """
     workdir = pathlib.Path(workdir)
     population = _read_population(workdir / POPULATION_FILENAME)
-    metrics = reporting.read_metrics(workdir / reporting.METRICS_FILENAME)
+    metrics = run_report.read_metrics(workdir / reporting.METRICS_FILENAME)
     episodes = np.unique(metrics["episode"])
     window = episodes[-max(1, int(np.ceil(final_fraction * len(episodes) - 1e-9))):]
     in_window = np.isin(metrics["episode"], window)
@@ -219,10 +221,10 @@ def summarise_population(workdir: str | pathlib.Path, *, final_fraction: float =
     types = _type_order(population)
     per_type = {}
     for type_name in types:
-        runs = [reporting.action_shares(metrics, in_window & (metrics["condition"] == type_name)
+        runs = [run_report.action_shares(metrics, in_window & (metrics["condition"] == type_name)
                                         & (metrics["seed"] == seed)) for seed in seeds]
         names = ("cooperation", "defection", "illegal")
-        mean, ci = reporting.mean_and_ci95(np.asarray([[run[n] for n in names] for run in runs]))
+        mean, ci = statistics.mean_and_ci95(np.asarray([[run[n] for n in names] for run in runs]))
         per_type[type_name] = {"label": _label(type_name),
                                "members": int(np.sum((population["type"] == type_name)
                                                      & (population["episode"] == episodes[0])
@@ -234,7 +236,7 @@ def summarise_population(workdir: str | pathlib.Path, *, final_fraction: float =
     social = {}
     for name in _OUTCOMES:
         per_seed = outcomes[name][last].mean(axis=0)
-        mean, ci = reporting.mean_and_ci95(per_seed)
+        mean, ci = statistics.mean_and_ci95(per_seed)
         social[name] = {"mean": float(mean), "ci95": float(ci), "per_seed": per_seed.tolist()}
     return {"final_window": [int(window[0]), int(window[-1])], "seeds": seeds.tolist(), "types": per_type,
             "social": social, "who_played_whom": {"types": types,
@@ -284,8 +286,8 @@ def _plot_social(outcomes: Mapping[str, np.ndarray], out_png: pathlib.Path) -> N
     window = max(1, len(outcomes["episode"]) // 50)
     for axis_index, name in enumerate(_OUTCOMES):
         axis = figure.add_subplot(1, len(_OUTCOMES), axis_index + 1)
-        smoothed = np.stack([reporting._moving_average(column, window) for column in outcomes[name].T], axis=0)
-        mean, ci = reporting.mean_and_ci95(smoothed)
+        smoothed = np.stack([run_report._moving_average(column, window) for column in outcomes[name].T], axis=0)
+        mean, ci = statistics.mean_and_ci95(smoothed)
         axis.plot(outcomes["episode"], mean)
         axis.fill_between(outcomes["episode"], mean - ci, mean + ci, alpha=0.3)
         axis.set_title(name.replace("_", " "))

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 
 from moraljax import action_matcher
 from moraljax import prompt_tables
-from moraljax import prompts
 
 # Move codes of the selection prompt, from a parsed move (-1 none, 0 C, 1 D) + 1.
 NUM_MOVE_CODES = 3
@@ -147,7 +146,7 @@ def build_selection_table(tokenizer, names: Sequence[str], num_candidates: int, 
     Raises:
         ValueError: one line, when a name does not fit in gen_len tokens.
     """
-    longest = prompts.action_token_length(tokenizer, names)
+    longest = action_matcher.action_token_length(tokenizer, names)
     if longest > gen_len:
         raise ValueError(
             f"population.name_prefix={names[0][:-1]!r} is not allowed; expected names"

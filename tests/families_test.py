@@ -55,6 +55,7 @@ from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
 from moraljax.llm import tiny
 from moraljax.tiny_build import corpus
+from moraljax.evaluation import protocol
 
 FAMILIES = ("gemma2", "gemma3_text", "llama", "qwen2", "qwen3")
 LENGTH, WINDOW = 20, 4
@@ -420,7 +421,7 @@ def test_action_matcher_agrees_with_the_host_rule_whatever_the_action_length(tok
     assert tokenizer.pad_token == (tokenizer.eos_token if length == 1 else tokenizers_by_length[length].pad_token)
     rng = np.random.default_rng(length)
     for actions in (prompts.TRAIN_ACTIONS, prompts.TEST_ACTIONS):
-        gen_len = prompts.action_token_length(tokenizer, actions)
+        gen_len = action_matcher.action_token_length(tokenizer, actions)
         assert gen_len == length
         pieces = [tokenizer.encode(a, add_special_tokens=False) for a in actions]
         pieces += [tokenizer.encode(" " + a, add_special_tokens=False) for a in actions]
@@ -449,7 +450,7 @@ def test_action_matcher_agrees_with_the_host_rule_whatever_the_action_length(tok
 
 # A small evaluation: one game, one variant, a short protocol (the
 # beyond-matrix families run the same model code, tested in evaluate_test.py).
-SMALL_EVALUATION = evaluate.EvalSettings(
+SMALL_EVALUATION = protocol.EvalSettings(
     games=("IPD",), table_orders=("original",), extra_actions=(), episodes=2, decisions=2, value_preambles=(),
     beyond_families=(),
 )

@@ -13,6 +13,7 @@ from moraljax import config_lib
 from moraljax import population_report
 from moraljax import train
 from moraljax.rl import rollout
+from moraljax.evaluation import protocol
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -144,7 +145,7 @@ def test_evaluation_labels_members_by_type(population_run):
     from moraljax import evaluate
 
     workdir, _ = population_run
-    settings = evaluate.EvalSettings(games=("IPD",), table_orders=("original",), episodes=2, decisions=2,
+    settings = protocol.EvalSettings(games=("IPD",), table_orders=("original",), episodes=2, decisions=2,
                                      value_preambles=(), beyond_families=("action_only",), beyond_samples=2)
     summary = evaluate.evaluate_workdir(workdir, settings, progress=False)
     ipd = [r for r in summary["regrets"] if r["actions"] == "action3/action4"]

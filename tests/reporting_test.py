@@ -49,7 +49,7 @@ def make_chunk(episodes, action_type, reward=None, opponent_legal=None,
         "reward_deont": -reward,
         "reward_util": 2.0 * reward,
         "reward_game_deont": reward - 3.0,
-        **{key: reward + 0.5 for key in reporting.REWARD_KEYS[5:]},
+        **{key: reward + 0.5 for key in names.REWARD_KEYS[5:]},
         "regret_deont": np.full(shape, 0.5, np.float32),
         "regret_util": np.full(shape, 0.25, np.float32),
     }

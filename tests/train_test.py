@@ -155,7 +155,7 @@ def test_paper_update_with_dropout_is_one_dropout_free_gradient():
         )
     )(learners, keys)
     ref_logprobs = decisions.logprobs - 0.25  # Any reference: a KL of 0.25 per token.
-    args = (free.frozen, free.env.prompts, learners, decisions, ref_logprobs, keys)
+    args = (free.frozen, free.env.prompts, learners, train._ppo_batch(decisions), ref_logprobs, keys)
 
     # No dropout enters the program: it is the dropout-free one, so the
     # results agree bit for bit.
