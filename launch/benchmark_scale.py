@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import functools
 import json
 import pathlib
@@ -343,7 +344,7 @@ def report(name: str, w: Workload) -> dict[str, float]:
         print(f"  {hardware:<8} {seconds / 60:6.2f} min per seed, {5 * seconds / 60:6.2f} min per 5-seed program,"
               f" {30 * seconds / 8 / 60:6.2f} min for 30 learners on 8 chips")
     print(f"(counted in {time.time() - started:.0f} s)")
-    return {"episode_flops": episode, "saved": saved, "base": base, "state": state}
+    return {"episode_flops": episode, "prefill": flops["prefill"], "saved": saved, "base": base, "state": state}
 
 
 def measure(config: decoder_lib.DecoderConfig, figures: dict[str, float]) -> None:
@@ -362,7 +363,9 @@ def measure(config: decoder_lib.DecoderConfig, figures: dict[str, float]) -> Non
         started = time.time()
         jax.block_until_ready(step(w.frozen, w.env, w.setup, learners))
         seconds = (time.time() - started) / _EPISODES.value
-        achieved = figures["episode_flops"] * count / seconds
+        # Per episode: every learner's episode and a share of the chunk's reference prefill.
+        achieved = (figures["episode_flops"] * count + figures["prefill"] / _EPISODES.value) / seconds
+        # Process-wide peak: the base and every learner count built so far (each is freed after it).
         stats = device.memory_stats() or {}
         mfu = f"{achieved / peak_flops:.1%}" if peak_flops else "n/a (unknown chip)"
         predicted = figures["base"] + count * (figures["state"] + 2 * figures["saved"])
@@ -371,6 +374,8 @@ def measure(config: decoder_lib.DecoderConfig, figures: dict[str, float]) -> Non
               f" {achieved / 1e12:.1f} TFLOP/s, MFU {mfu}; peak memory"
               f" {_gb(stats.get('peak_bytes_in_use', 0))} (predicted {_gb(predicted)});"
               f" first call {compile_and_first:.0f} s")
+        del w, learners, step  # One learner count's base and state on the device at a time.
+        gc.collect()
 
 
 def main(argv):

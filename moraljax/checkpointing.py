@@ -44,6 +44,15 @@ _POSITIONAL_NAME = re.compile(r"leaf_\d{5}")
 Path = tuple[str, ...]
 
 
+def _is_transient(error: BaseException) -> bool:
+    """Whether a restore failed for a reason other than the files (memory, permissions, the network)."""
+    if isinstance(error, (MemoryError, PermissionError, ConnectionError, TimeoutError)):
+        return True
+    text = str(error)
+    return any(mark in text for mark in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "DEADLINE_EXCEEDED",
+                                          "UNAVAILABLE", "PERMISSION_DENIED"))
+
+
 class CheckpointError(ValueError):
     """No checkpoint of a run can be read."""
 
@@ -270,16 +279,22 @@ class Checkpointer:
                 return step, state
             except CheckpointMismatchError:
                 raise
-            except Exception as error:  # Any failure to read means: try the older step.
+            except Exception as error:  # A failure to read the files means: try the older step.
+                if _is_transient(error):
+                    raise
                 reason = " ".join(str(error).split())[:300] or type(error).__name__
                 aside = self._move_aside(step, is_writer)
                 moved.append(str(aside))
                 say(f"moraljax: the checkpoint at episode {step} in {self.directory} cannot be read"
                     f" ({type(error).__name__}: {reason}); moved it to {aside} and trying the one before")
-        if moved:
+        aside_root = self.directory.parent / f"{self.directory.name}_unreadable"
+        if moved or (aside_root.is_dir() and any(aside_root.iterdir())):
+            # A fresh start would cut metrics.csv back to nothing: refuse it
+            # while unreadable steps of this run are kept aside.
             raise CheckpointError(
-                f"no checkpoint in {self.directory} can be read (moved aside: {', '.join(moved)});"
-                " expected at least one intact step. Remove the checkpoint directory to start afresh.")
+                f"no checkpoint in {self.directory} can be read (set aside: {', '.join(moved) or str(aside_root)});"
+                f" expected at least one intact step. Move {aside_root} away (and remove the checkpoint"
+                " directory) to start the run afresh.")
         return 0, None
 
     def _move_aside(self, step: int, is_writer: bool) -> Any:

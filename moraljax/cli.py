@@ -35,7 +35,7 @@ def parse_flags(argv: list[str], *, config_required: bool) -> list[str]:
     Returns:
         The arguments left after the flags.
     """
-    config_arg = next((arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")), None)
+    config_arg = _config_argument(argv)
     asks_help = any(arg.startswith("--help") for arg in argv[1:])
     if config_required and config_arg is None and not asks_help:
         sys.exit("moraljax: --config is missing; expected a config file, e.g. --config=configs/ipd_util.py")
@@ -48,6 +48,16 @@ def parse_flags(argv: list[str], *, config_required: bool) -> list[str]:
     except Exception as error:  # A user's flags: one line, never a traceback.
         sys.exit(f"moraljax: {flag_error_line(error, argv, config_arg)}")
     return remaining
+
+
+def _config_argument(argv: list[str]) -> str | None:
+    """The value of --config, given as '--config=x' or '--config x', or None."""
+    for index, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+    return None
 
 
 def _load_config(config_arg: str) -> ml_collections.ConfigDict | None:

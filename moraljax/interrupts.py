@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 
@@ -58,12 +57,13 @@ class StopRequests:
 
     def _handle(self, signal_number, frame) -> None:
         del frame
+        # os.write, not print: the handler may interrupt a write to stderr
+        # (the progress bar's), and a re-entrant print would raise there.
         if self.signal_number is not None:
-            print(f"\nmoraljax: stopped at once by {signal.Signals(signal_number).name}", file=sys.stderr,
-                  flush=True)
+            os.write(2, f"\nmoraljax: stopped at once by {signal.Signals(signal_number).name}\n".encode())
             os._exit(EXIT_STATUS[signal_number])
         self.signal_number = signal_number
-        print(f"\n{self._message}", file=sys.stderr, flush=True)
+        os.write(2, f"\n{self._message}\n".encode())
 
     def install(self) -> None:
         """Installs the handlers (main thread only)."""

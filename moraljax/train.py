@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -401,7 +402,7 @@ class Run:
     learner_info: list[dict[str, Any]]
     tokenizer: Any
     base_config: decoder.DecoderConfig
-    _compiled: dict[int, Callable] = dataclasses.field(default_factory=dict)
+    _compiled: dict[int | str, Callable] = dataclasses.field(default_factory=dict)
 
     @property
     def num_real(self) -> int:
@@ -417,19 +418,22 @@ class Run:
         """The learner state without the inert padding (what checkpoints hold)."""
         if not self.num_padding:
             return self.learners
-        # An uneven slice of the learner axis: replicated (only with padding).
-        take = jax.jit(lambda tree: jax.tree.map(lambda x: x[:self.num_real], tree),
-                       out_shardings=sharding_lib.replicated(self.mesh))
-        return take(self.learners)
+        if "real" not in self._compiled:  # Built once: a new jit per call would compile per checkpoint.
+            # An uneven slice of the learner axis: replicated (only with padding).
+            self._compiled["real"] = jax.jit(lambda tree: jax.tree.map(lambda x: x[:self.num_real], tree),
+                                             out_shardings=sharding_lib.replicated(self.mesh))
+        return self._compiled["real"](self.learners)
 
     def set_real_learners(self, real: LearnerState) -> None:
         """Puts restored real learners back in front of the current inert padding."""
         if not self.num_padding:
             self.learners = real
             return
-        join = jax.jit(lambda a, b: jax.tree.map(lambda x, y: jnp.concatenate([x, y[self.num_real:]]), a, b),
-                       out_shardings=sharding_lib.learner_sharding(self.mesh))
-        self.learners = join(real, self.learners)
+        if "join" not in self._compiled:
+            self._compiled["join"] = jax.jit(
+                lambda a, b: jax.tree.map(lambda x, y: jnp.concatenate([x, y[self.num_real:]]), a, b),
+                out_shardings=sharding_lib.learner_sharding(self.mesh))
+        self.learners = self._compiled["join"](real, self.learners)
 
     def plan(self) -> str:
         """'5 learners (+3 inert) on 8 devices, 1 per device' for the start of a run."""
@@ -763,9 +767,19 @@ def train(cfg: config_lib.ExperimentConfig, workdir: str | pathlib.Path, *, prog
     check_workdir(workdir, resolved, defaults=config_defaults(cfg))
     model_directory(cfg.model.path)
     is_writer = distributed.is_writer()
-    # One process (the writer) holds the lock for the whole multi-process job.
-    lock = workdir_lib.hold(workdir, purpose="training") if is_writer else contextlib.nullcontext()
-    with interrupts.stop_requests() as stop, lock:
+    with interrupts.stop_requests() as stop, contextlib.ExitStack() as held:
+        # One process (the writer) holds the lock for the whole multi-process
+        # job; the others learn whether it got it, so none waits for a peer
+        # that was refused.
+        refusal = None
+        if is_writer:
+            try:
+                held.enter_context(workdir_lib.hold(workdir, purpose="training"))
+            except workdir_lib.WorkdirError as error:
+                refusal = error
+        if _any_process(refusal is not None):
+            raise refusal or workdir_lib.WorkdirError(
+                f"workdir={str(workdir)!r} could not be locked by process 0; see its message.")
         return _train_locked(cfg, workdir, resolved, stop, progress=progress, stop_after=stop_after,
                              devices=devices, checkpoint_dir=checkpoint_dir)
 
@@ -821,6 +835,7 @@ def _train_locked(cfg: config_lib.ExperimentConfig, workdir: pathlib.Path, resol
 
         bar = tqdm.tqdm(total=cfg.run.num_episodes, initial=start, unit="episode", dynamic_ncols=True)
     episode = saved = start
+    stopping = False
     try:
         while episode < total:
             count = min(chunk, total - episode)
@@ -841,14 +856,15 @@ def _train_locked(cfg: config_lib.ExperimentConfig, workdir: pathlib.Path, resol
             if bar is not None:
                 bar.update(count)
                 bar.set_postfix_str(_shares_text(metrics))
-            if _any_process(stop.requested):  # Checked after the save: a Ctrl-C during it counts.
+            stopping = _any_process(stop.requested)  # After the save: a Ctrl-C during it counts.
+            if stopping:
                 if saved != episode:
                     checkpointer.save(episode, run.real_learners(), {"episode": episode})
                     saved = episode
                 break
-        if stop.requested and episode < cfg.run.num_episodes:
+        if stopping and episode < cfg.run.num_episodes:
             raise interrupts.Stopped(
-                stop.exit_status,
+                stop.exit_status or interrupts.EXIT_STATUS[signal.SIGINT],
                 f"stopped at episode {episode} of {cfg.run.num_episodes} (checkpoint at episode {saved} in"
                 f" {checkpointer.directory}); run the same command again to resume.")
         finished = episode >= cfg.run.num_episodes

@@ -145,12 +145,14 @@ def hold(workdir: str | os.PathLike, *, purpose: str) -> Iterator[pathlib.Path]:
         handle.seek(0)
         handle.truncate()
         handle.flush()
-        if created and [p.name for p in path.iterdir()] == [LOCK_FILENAME]:
-            # Refused before writing anything: leave no trace of the attempt.
-            lock_path.unlink()
-            path.rmdir()
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         handle.close()
+        # Refused before writing anything: leave no trace of the attempt (best
+        # effort; a failure here must not hide the error that ended the body).
+        with contextlib.suppress(OSError):
+            if created and [p.name for p in path.iterdir()] == [LOCK_FILENAME]:
+                lock_path.unlink()
+                path.rmdir()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

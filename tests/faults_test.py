@@ -215,8 +215,25 @@ def test_no_readable_checkpoint_says_so_and_stops(tmp_path):
     cfg = experiment(short_config())
     assert train.train(cfg, tmp_path, progress=False, stop_after=2) is None
     delete_state(tmp_path / "checkpoints" / "2")
+    metrics = (tmp_path / "metrics.csv").read_text()
     with pytest.raises(checkpointing.CheckpointError, match="no checkpoint in .* can be read"):
         train.train(cfg, tmp_path, progress=False)
+    # Retrying does not start afresh (which would cut metrics.csv) while the step is kept aside.
+    with pytest.raises(checkpointing.CheckpointError, match="Move .*checkpoints_unreadable away"):
+        train.train(cfg, tmp_path, progress=False)
+    assert (tmp_path / "metrics.csv").read_text() == metrics
+
+
+def test_a_restore_failing_for_memory_moves_nothing_aside(tmp_path, straight_run, monkeypatch):
+    shutil.copytree(straight_run, tmp_path, dirs_exist_ok=True)
+
+    def out_of_memory(self, step, template):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.2GiB")
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "restore", out_of_memory)
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        train.train(experiment(short_config()), tmp_path, progress=False)
+    assert checkpoint_steps(tmp_path) == [2, 4] and not (tmp_path / "checkpoints_unreadable").exists()
 
 
 def test_rerunning_a_finished_run_leaves_the_checkpoints_of_a_normal_finish(tmp_path, straight_run):
@@ -237,6 +254,8 @@ def test_rerunning_a_finished_run_leaves_the_checkpoints_of_a_normal_finish(tmp_
 
 @pytest.mark.parametrize("arguments, message", [
     (["--config=configs/ipd_util.py", "--config.run.num_episodez=5"],
+     "moraljax: --config.run.num_episodez is not allowed; expected a field of run: batch_size,"),
+    (["--config", "configs/ipd_util.py", "--config.run.num_episodez=5"],  # --config given apart from its value.
      "moraljax: --config.run.num_episodez is not allowed; expected a field of run: batch_size,"),
     (["--config=configs/ipd_util.py:opponent=xyz"],
      "moraljax: config variant opponent='xyz' is not allowed; expected one of tft, ac, ad, random, llm."),

@@ -355,11 +355,12 @@ class LoRALinear(nnx.Module):
             delta = (x_lora @ self.lora_a[...]) @ self.lora_b[...]
         else:
             # A bfloat16 base: the adapter's input stays bfloat16 and A is
-            # rounded to it for the first matmul, accumulated in float32 (the
-            # float32 factors get float32 gradients). What the backward pass
-            # keeps of each of the seven adapted inputs is then bfloat16, half
-            # of PEFT's float32 upcast, at bfloat16 input precision (as the
-            # base matmul it sits beside).
+            # rounded to it for the first matmul, accumulated in float32. What
+            # the backward pass keeps of each of the seven adapted inputs is
+            # then bfloat16, half of PEFT's float32 upcast. The price: A's
+            # gradient passes through that rounding (bfloat16 precision, a
+            # relative 2^-8, before it reaches the float32 factor and Adam);
+            # B's gradient and both factors stay float32.
             x_lora = dropout(x, self.dropout_rate, key, suffix_of=suffix_of).reshape(x2.shape)
             down = jnp.matmul(x_lora, self.lora_a[...].astype(x.dtype), preferred_element_type=jnp.float32)
             delta = down @ self.lora_b[...]
