@@ -114,3 +114,15 @@ def test_utilitarian_selectors_learn_to_prefer_cooperators(tmp_path):
                         usecols=range(1, 4), dtype=int)  # Three types.
     assert matrix.sum() == (rows["choice"] >= 0).sum()
     assert (tmp_path / "who_selected_whom.png").exists()
+
+
+def test_resumed_selection_run_equals_uninterrupted(tmp_path):
+    # The members' last moves (shown to selectors) live in the checkpointed learner state.
+    config = selection_config("util:2,game:2", candidates=2)
+    config.run.update(num_episodes=6, episodes_per_chunk=2, checkpoint_every=2)
+    cfg = config_lib.experiment_from_config_dict(config)
+    train.train(cfg, tmp_path / "straight", progress=False)
+    assert train.train(cfg, tmp_path / "resumed", progress=False, stop_after=4) is None
+    train.train(cfg, tmp_path / "resumed", progress=False)
+    for name in ("metrics.csv", "population.csv", population_report.SELECTION_FILENAME, "who_selected_whom.csv"):
+        assert (tmp_path / "straight" / name).read_text() == (tmp_path / "resumed" / name).read_text(), name
