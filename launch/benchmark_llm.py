@@ -53,14 +53,6 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
-def _matmul_params(config: decoder.DecoderConfig) -> int:
-    """Parameters touched by matmuls per token: layers + the LM head."""
-    d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
-    n, k = config.num_attention_heads, config.num_key_value_heads
-    per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
-    return config.num_hidden_layers * per_layer + config.vocab_size * d
-
-
 def benchmark(name: str, policy: policy_lib.Policy) -> None:
     """Times prefill and decode of one policy and prints the figures."""
     config = policy.config
@@ -94,7 +86,7 @@ def benchmark(name: str, policy: policy_lib.Policy) -> None:
 
     prefill_s = _best_time(lambda: prefill(state, ids, mask), _REPEATS.value)
     decode_s = _best_time(lambda: decode(state, cache, last_hidden, key), _REPEATS.value)
-    flops_per_token = 2 * _matmul_params(config)
+    flops_per_token = 2 * sum(config.matmul_parameters())  # Layers + the LM head.
     prefill_tokens, decode_tokens = batch * length, batch * gen_len
     frozen = sum(x.size for x in jax.tree.leaves(policy_lib.split_policy(policy)[2]))
     print(f"[{name}] {frozen:,} frozen params ({policy.model.dtype}), batch {batch}, prompt {length}, "

@@ -61,6 +61,7 @@ from moraljax import prompt_tables
 from moraljax import rewards
 from moraljax import train
 from moraljax.llm import decoder as decoder_lib
+from moraljax.llm import decoder_config
 from moraljax.llm import families
 from moraljax.llm import lora as lora_lib
 from moraljax.llm import policy as policy_lib
@@ -113,7 +114,7 @@ DISTINCT_PROMPTS = 16  # Per player side (SPEC 4: 4 states x 4 option orders).
 EPISODES_PER_CHUNK = 50
 
 _MODEL = flags.DEFINE_string("model", "gemma-2-2b", f"A preset ({', '.join(PRESETS)}) or a config.json path.")
-_REMAT = flags.DEFINE_enum("remat", "auto", ["auto", "none", "dots", "full"], "Layer rematerialisation.")
+_REMAT = flags.DEFINE_enum("remat", "auto", list(decoder_config.REMAT_CHOICES), "Layer rematerialisation.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 215, "Prompt tokens (the IPD prompt is 215 Gemma-2 tokens).")
 _GEN_LEN = flags.DEFINE_integer("gen_len", 2, "Generated tokens per answer (paper: 2).")
 _BATCH = flags.DEFINE_integer("batch_size", 5, "Decisions per episode (paper: 5 vs fixed opponents).")
@@ -255,16 +256,9 @@ def count_flops(w: Workload) -> dict[str, float]:
     }
 
 
-def matmul_parameters(c: decoder_lib.DecoderConfig) -> tuple[int, int]:
-    """(parameters of the layers' matmuls, of the LM head)."""
-    per_layer = (c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-                 + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
-    return c.num_hidden_layers * per_layer, c.vocab_size * c.hidden_size
-
-
 def minimum_flops(w: Workload) -> dict[str, float]:
     """2 x parameters x tokens for each part (see the module docstring)."""
-    layers, head = matmul_parameters(w.config)
+    layers, head = w.config.matmul_parameters()
     T, L, B = w.prompt_len, w.chunk.sampling.gen_len, w.chunk.batch_size
 
     def forward(tokens, logit_rows):
@@ -319,7 +313,7 @@ def report(name: str, w: Workload) -> dict[str, float]:
     base = _bytes(w.frozen)
     trainable = _bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), w.learners.trainable))
     state = trainable * 4  # Parameters, Adam's two moments, one gradient (float32).
-    layers, head = matmul_parameters(w.config)
+    layers, head = w.config.matmul_parameters()
     print(f"== {name}: {w.config.num_hidden_layers} layers, D {w.config.hidden_size}, V {w.config.vocab_size},"
           f" {(layers + head) / 1e9:.2f}B matmul parameters; prompt {w.prompt_len}, gen {w.chunk.sampling.gen_len},"
           f" batch {w.chunk.batch_size}; remat {decoder_lib.remat_for(_REMAT.value, w.config.num_hidden_layers)}")

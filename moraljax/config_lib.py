@@ -21,6 +21,7 @@ from moraljax import opponents
 from moraljax import prompts
 from moraljax import rewards
 from moraljax import validation
+from moraljax.llm import decoder_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +263,7 @@ class ModelSettings:
 
     def __post_init__(self):
         validation.check_choice("model.param_dtype", self.param_dtype, PARAM_DTYPES)
-        validation.check_choice("model.remat", self.remat, ("auto", "none", "dots", "full"))
+        validation.check_choice("model.remat", self.remat, decoder_config.REMAT_CHOICES)
         check_sampling("model.", self.temperature, self.top_k, self.top_p)
         validation.check_int("model.gen_len", self.gen_len, 0)
         validation.check_finite("model.value_head_dropout", self.value_head_dropout)

@@ -42,12 +42,13 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from matplotlib import figure as matplotlib_figure
 import numpy as np
 
 from moraljax import reporting
 from moraljax import rewards
 from moraljax import workdir as workdir_lib
+from moraljax.output import csv_files
+from moraljax.output import figures
 from moraljax.output import run_report
 from moraljax.output import statistics
 
@@ -103,7 +104,7 @@ class PopulationWriter:
         self._learners = [dict(learner) for learner in learners]
         for path in (self.path, self.selection_path):
             if is_writer and path.exists():
-                reporting._truncate_metrics(path, int(start_episode))
+                reporting.truncate_to_episode(path, int(start_episode))
 
     def write_chunk(self, episodes: np.ndarray, decisions: Mapping[str, np.ndarray]) -> None:
         """Appends one row per (episode, learner) of a chunk.
@@ -117,7 +118,7 @@ class PopulationWriter:
         partner = np.asarray(decisions["partner"])[..., 0]
         payoff = episode_payoffs(decisions)
         types = [learner["condition"] for learner in self._learners]
-        _append_rows(self.path, _POPULATION_COLUMNS, (
+        csv_files.write_rows(self.path, _POPULATION_COLUMNS, append=True, rows=(
             [int(episode), n, learner["seed"], learner["member"], types[n],
              int(partner[k, n]), types[int(partner[k, n])], f"{payoff[k, n]:.6g}"]
             for k, episode in enumerate(episodes) for n, learner in enumerate(self._learners)))
@@ -130,21 +131,11 @@ class PopulationWriter:
         first = {name: np.asarray(decisions[f"selection_{name}"])[..., 0]
                  for name in ("choice", "choice_move", "offered_c", "honoured")}
         choice = first["choice"].astype(int)
-        _append_rows(self.selection_path, _SELECTION_COLUMNS, (
+        csv_files.write_rows(self.selection_path, _SELECTION_COLUMNS, append=True, rows=(
             [int(episode), n, types[n], choice[k, n], types[choice[k, n]] if choice[k, n] >= 0 else "illegal",
              ("none", "C", "D")[int(first["choice_move"][k, n]) + 1],
              int(first["offered_c"][k, n]), int(first["honoured"][k, n])]
             for k, episode in enumerate(episodes) for n in range(len(self._learners))))
-
-
-def _append_rows(path: pathlib.Path, columns: Sequence[str], rows) -> None:
-    """Appends rows to a CSV file, writing the header first when the file is new."""
-    exists = path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        if not exists:
-            writer.writerow(columns)
-        writer.writerows(rows)
 
 
 def who_selected_whom(workdir: str | pathlib.Path, types: Sequence[str]) -> np.ndarray:
@@ -259,8 +250,8 @@ def _summary_markdown(summary: Mapping[str, Any]) -> str:
 
 def _plot_matrix(matrix: np.ndarray, types: Sequence[str], title: str, out_png: pathlib.Path, *,
                  column_label: str = "partner's type") -> None:
-    figure = matplotlib_figure.Figure(figsize=(1.2 + 0.55 * len(types), 1.0 + 0.5 * len(types)))
-    axis = figure.add_subplot()
+    figure, axes = figures.figure(1, 1, (1.2 + 0.55 * len(types), 1.0 + 0.5 * len(types)))
+    axis = axes[0][0]
     image = axis.imshow(matrix, cmap="Blues")
     labels = [_label(t) for t in types]
     axis.set_xticks(range(len(types)), labels, rotation=45, ha="right")
@@ -282,11 +273,10 @@ def _write_matrix_csv(matrix: np.ndarray, types: Sequence[str], path: pathlib.Pa
 
 
 def _plot_social(outcomes: Mapping[str, np.ndarray], out_png: pathlib.Path) -> None:
-    figure = matplotlib_figure.Figure(figsize=(12.0, 3.2))
+    figure, axes = figures.figure(1, len(_OUTCOMES), (4.0, 3.2))
     window = max(1, len(outcomes["episode"]) // 50)
-    for axis_index, name in enumerate(_OUTCOMES):
-        axis = figure.add_subplot(1, len(_OUTCOMES), axis_index + 1)
-        smoothed = np.stack([run_report._moving_average(column, window) for column in outcomes[name].T], axis=0)
+    for axis, name in zip(axes[0], _OUTCOMES):
+        smoothed = np.stack([run_report.moving_average(column, window) for column in outcomes[name].T], axis=0)
         mean, ci = statistics.mean_and_ci95(smoothed)
         axis.plot(outcomes["episode"], mean)
         axis.fill_between(outcomes["episode"], mean - ci, mean + ci, alpha=0.3)

@@ -46,7 +46,7 @@ TENSORBOARD_DIRNAME = "tb"
 # Metrics CSV.
 
 
-def _truncate_metrics(path: pathlib.Path, start_episode: int) -> None:
+def truncate_to_episode(path: pathlib.Path, start_episode: int) -> None:
     """Keeps only header and rows with episode < start_episode, atomically.
 
     A run killed while writing can leave a torn last line; it belongs to an
@@ -235,7 +235,7 @@ class RunWriter:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self._metrics_path.exists():
-            _truncate_metrics(self._metrics_path, int(start_episode))
+            truncate_to_episode(self._metrics_path, int(start_episode))
         self._tensorboard = tensorboardX.SummaryWriter(
             logdir=str(self.workdir / TENSORBOARD_DIRNAME),
             purge_step=int(start_episode) if start_episode > 0 else None,

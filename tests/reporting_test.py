@@ -448,7 +448,7 @@ def test_plot_rewards(tmp_path):
 
 def test_moving_average_is_trailing():
     np.testing.assert_allclose(
-        run_report._moving_average(np.array([[0.0, 3.0, 6.0, 9.0]]), 2),
+        run_report.moving_average(np.array([[0.0, 3.0, 6.0, 9.0]]), 2),
         [[0.0, 1.5, 4.5, 7.5]])
 
 

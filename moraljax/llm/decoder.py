@@ -74,7 +74,7 @@ _MAX_UNROLLED_LAYERS = 4
 #         activations, attention softmax): little extra work;
 #   full  keep only the layer's input, recompute the whole layer (one more
 #         forward pass of the layers in the update).
-REMAT_POLICIES = ("none", "dots", "full")
+REMAT_POLICIES = decoder_config.REMAT_POLICIES
 
 
 def remat_for(policy: str, num_layers: int) -> str:

@@ -36,6 +36,11 @@ ACTIVATIONS = ("gelu_pytorch_tanh", "silu")
 ROPE_SCALINGS = ("linear", "llama3")
 
 
+# How each decoder layer may be rematerialised in the backward pass
+# (``decoder.Decoder.remat``; "auto" resolves by depth, ``decoder.remat_for``).
+REMAT_POLICIES = ("none", "dots", "full")
+REMAT_CHOICES = ("auto",) + REMAT_POLICIES
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """A rescaling of RoPE's frequencies (transformers' ``rope_type``).
@@ -212,6 +217,13 @@ class DecoderConfig:
     def embedding_scale(self) -> float | None:
         """sqrt(D) when embeddings are scaled, else None."""
         return math.sqrt(self.hidden_size) if self.scale_embeddings else None
+
+    def matmul_parameters(self) -> tuple[int, int]:
+        """(parameters of the layers' weight matmuls, of the LM head): 2 x these is the FLOPs per token."""
+        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        n, k = self.num_attention_heads, self.num_key_value_heads
+        per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
+        return self.num_hidden_layers * per_layer, self.vocab_size * d
 
     @classmethod
     def gemma2_2b(cls) -> "DecoderConfig":

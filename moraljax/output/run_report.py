@@ -39,7 +39,7 @@ def _unique_in_order(items: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(items))
 
 
-def _moving_average(values: np.ndarray, window: int | None) -> np.ndarray:
+def moving_average(values: np.ndarray, window: int | None) -> np.ndarray:
     """Trailing mean over the last `window` entries of axis -1.
 
     out[..., i] = mean(values[..., max(0, i - window + 1) : i + 1]); the first
@@ -177,7 +177,7 @@ def plot_action_types(metrics_csv_path: str | os.PathLike,
         counts = np.zeros((names.NUM_ACTION_TYPES, len(episodes)))
         for t, column in enumerate(names.COUNT_COLUMNS):
             np.add.at(counts[t], position, columns[column][rows])
-        axis.stackplot(episodes, _moving_average(counts, smoothing_window),
+        axis.stackplot(episodes, moving_average(counts, smoothing_window),
                        labels=names.ACTION_TYPE_NAMES,
                        colors=figures.action_type_colors(),
                        linewidth=0)
@@ -186,7 +186,7 @@ def plot_action_types(metrics_csv_path: str | os.PathLike,
             opponent = np.zeros(len(episodes))
             np.add.at(opponent, position,
                       columns[names.OPPONENT_ILLEGAL_COLUMN][rows])
-            axis.plot(episodes, _moving_average(opponent, smoothing_window),
+            axis.plot(episodes, moving_average(opponent, smoothing_window),
                       "k--", linewidth=1, label="opponent illegal")
         axis.set_title(f"{label} ({num_runs} runs)")
         axis.set_xlabel("episode")
@@ -234,7 +234,7 @@ def plot_rewards(metrics_csv_path: str | os.PathLike,
         rows = labels == label
         for key in reward_keys:
             episodes, grid = _per_run_grid(columns, rows, key)
-            mean, ci = statistics.mean_and_ci95(_moving_average(grid, smoothing_window))
+            mean, ci = statistics.mean_and_ci95(moving_average(grid, smoothing_window))
             line, = axis.plot(episodes, mean, label=key)
             axis.fill_between(episodes, mean - ci, mean + ci, alpha=0.25,
                               color=line.get_color(), linewidth=0)
