@@ -55,11 +55,11 @@ from absl import flags
 from flax import nnx
 
 from moraljax import action_matcher
+from moraljax import chunk as chunk_lib
 from moraljax import games
 from moraljax import opponents
 from moraljax import prompt_tables
 from moraljax import rewards
-from moraljax import train
 from moraljax.llm import decoder as decoder_lib
 from moraljax.llm import decoder_config
 from moraljax.llm import families
@@ -67,6 +67,7 @@ from moraljax.llm import lora as lora_lib
 from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
 from moraljax.rl import ppo
+from moraljax.rl import reference as reference_lib
 from moraljax.rl import rollout
 
 # config.json fields of the presets (the public model cards' configs).
@@ -151,15 +152,16 @@ def unrolled_loops() -> Iterator[None]:
 
 @dataclasses.dataclass
 class Workload:
-    """One learner's training step, abstract: the pieces `train.train_chunk` is built from."""
+    """One learner's training step, abstract: the pieces `chunk_lib.train_chunk` is built from."""
 
     config: decoder_lib.DecoderConfig
     graphdef: nnx.GraphDef
+    reference_graphdef: nnx.GraphDef
     frozen: nnx.State
     env: rollout.Environment
     setup: rollout.LearnerSetup
-    learners: train.LearnerState
-    chunk: train.ChunkSettings
+    learners: chunk_lib.LearnerState
+    chunk: chunk_lib.ChunkSettings
     prompt_len: int
 
 
@@ -174,10 +176,10 @@ def build_workload(config: decoder_lib.DecoderConfig, *, remat: str, prompt_len:
     else:
         policy = nnx.eval_shape(make)
     policy.model.remat = decoder_lib.remat_for(remat, config.num_hidden_layers)
-    graphdef, _, frozen = policy_lib.split_policy(policy)
+    graphdef, trainable, frozen = policy_lib.split_policy(policy)
     ppo_config = ppo.PPOConfig()
     seeds = [(seed, 0) for seed in range(1, num_learners + 1)]
-    init = functools.partial(train.init_learners, policy, seeds, ppo_config)
+    init = functools.partial(chunk_lib.init_learners, jax.eval_shape(lambda: trainable), seeds, ppo_config)
     learners = init() if concrete else jax.eval_shape(init)
     rows = 2 * DISTINCT_PROMPTS
     vocab = config.vocab_size
@@ -202,13 +204,14 @@ def build_workload(config: decoder_lib.DecoderConfig, *, remat: str, prompt_len:
     one = rollout.LearnerSetup(
         opponent=jnp.asarray(opponents.opponent_id("tft"), jnp.int32), partner=jnp.asarray(-1, jnp.int32),
         player=jnp.asarray(0, jnp.int32), reward_first=spec, reward_second=spec,
-        switch_episode=jnp.asarray(np.iinfo(np.int32).max, jnp.int32))
+        switch_episode=jnp.asarray(np.iinfo(np.int32).max, jnp.int32), named_specs=rewards.named_reward_specs())
     setup = jax.tree.map(lambda x: jnp.stack([jnp.asarray(x)] * num_learners), one)
-    chunk = train.ChunkSettings(
+    settings = chunk_lib.ChunkSettings(
         batch_size=batch_size, num_episodes=EPISODES_PER_CHUNK,
         sampling=rollout.SamplingSettings(gen_len=gen_len, dropout=PAPER_LORA.dropout > 0),
         ppo=ppo_config, stochastic=True)
-    return Workload(config, graphdef, frozen, env, setup, learners, chunk, prompt_len)
+    return Workload(config, graphdef, policy_lib.reference_graphdef(policy), frozen, env, setup, learners, settings,
+                    prompt_len)
 
 
 def _flops(fn, *args) -> float:
@@ -227,32 +230,31 @@ def count_flops(w: Workload) -> dict[str, float]:
         return rollout.rollout_episode(w.graphdef, frozen, learners.trainable, env, setup, learners.episode,
                                        jax.random.split(key, 1), batch_size=batch, settings=w.chunk.sampling)
 
-    def prefix(frozen, env, trainable):
-        return rollout.reference_prefix(w.graphdef, frozen, jax.tree.map(lambda x: x[0], trainable),
-                                        env.prompts, gen_len)
+    def prefix(frozen, env):
+        return reference_lib.reference_prefix(w.reference_graphdef, frozen, env.prompts, gen_len)
 
-    def reference(frozen, prefix_state, trainable, rows, tokens):
-        return rollout.reference_logprobs(w.graphdef, frozen, jax.tree.map(lambda x: x[0], trainable),
-                                          prefix_state, rows, tokens)
+    def reference(frozen, prefix_state, rows, tokens):
+        return reference_lib.reference_logprobs(prefix_state, frozen, rows, tokens)
 
     def update(frozen, env, learners, decisions, ref):
-        batch_of = jax.tree.map(lambda x: x[0], train._ppo_batch(decisions))
+        decisions = decisions.replace(ref_logprobs=ref[None])
+        batch_of = jax.tree.map(lambda x: x[0], chunk_lib.ppo_batch(decisions))
         learner = jax.tree.map(lambda x: x[0], learners)
-        return train._update_one(w.graphdef, frozen, env.prompts, w.chunk, learner, batch_of, ref, key)
+        return chunk_lib.update_learner(w.graphdef, frozen, env.prompts, w.chunk, learner, batch_of, key)
 
     # Traced unrolled here too: jax caches a function's trace, and lowering
     # would otherwise reuse one with rolled loops.
     with unrolled_loops():
         decisions = jax.eval_shape(sample, w.frozen, w.env, w.setup, w.learners)
-        prefix_state = jax.eval_shape(prefix, w.frozen, w.env, w.learners.trainable)
+        prefix_state = jax.eval_shape(prefix, w.frozen, w.env)
     rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
     tokens = jax.ShapeDtypeStruct((batch, gen_len), jnp.int32)
     ref = jax.ShapeDtypeStruct((batch, gen_len), jnp.float32)
     return {
         "rollout": _flops(sample, w.frozen, w.env, w.setup, w.learners),
-        "reference": _flops(reference, w.frozen, prefix_state, w.learners.trainable, rows, tokens),
+        "reference": _flops(reference, w.frozen, prefix_state, rows, tokens),
         "update": _flops(update, w.frozen, w.env, w.learners, decisions, ref),
-        "prefill": _flops(prefix, w.frozen, w.env, w.learners.trainable),
+        "prefill": _flops(prefix, w.frozen, w.env),
     }
 
 
@@ -349,8 +351,9 @@ def measure(config: decoder_lib.DecoderConfig, figures: dict[str, float]) -> Non
     for count in map(int, _LEARNERS.value):
         w = build_workload(config, remat=_REMAT.value, prompt_len=_PROMPT_LEN.value, gen_len=_GEN_LEN.value,
                            batch_size=_BATCH.value, num_learners=count, concrete=True)
-        chunk = dataclasses.replace(w.chunk, num_episodes=_EPISODES.value)
-        step = jax.jit(functools.partial(train.train_chunk, w.graphdef, chunk), donate_argnums=(3,))
+        settings = dataclasses.replace(w.chunk, num_episodes=_EPISODES.value)
+        step = jax.jit(functools.partial(chunk_lib.train_chunk, w.graphdef, w.reference_graphdef, settings),
+                       donate_argnums=(3,))
         started = time.time()
         learners, _, _ = jax.block_until_ready(step(w.frozen, w.env, w.setup, w.learners))
         compile_and_first = time.time() - started

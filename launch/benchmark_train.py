@@ -24,8 +24,10 @@ from absl import app
 from absl import flags
 import jax
 
+from moraljax import chunk as chunk_lib
 from moraljax import config_lib
-from moraljax import train
+from moraljax import run_setup
+from moraljax.rl import reference as reference_lib
 from moraljax.rl import rollout
 
 _MODEL = flags.DEFINE_string("model", "tiny", "'tiny' or a local model directory of a supported family.")
@@ -48,20 +50,21 @@ def main(argv):
     cd = config_lib.experiment_config(f"model={_MODEL.value}", reward="util")
     cd.run.seeds = tuple(range(1, _SEEDS.value + 1))
     cfg = config_lib.experiment_from_config_dict(cd)
-    run = train.build_run(cfg)
+    run = run_setup.build_run(cfg)
+    run.start_fresh()
     seeds, episodes = _SEEDS.value, _EPISODES.value
     policy_params = sum(x.size for x in jax.tree.leaves(run.frozen))
     print(f"model: {cfg.model.path or 'built-in tiny'}, {policy_params:,} frozen parameters, "
-          f"prompt {run.env.prompts.ids.shape[1]} tokens, gen_len {run.sampling.gen_len}")
+          f"prompt {run.env.prompts.ids.shape[1]} tokens, gen_len {run.sampling_settings.gen_len}")
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; "
           f"{seeds} seeds, batch {cfg.run.batch_size}, {episodes} episodes per chunk")
 
     start = time.perf_counter()
-    jax.block_until_ready(run.advance(episodes))
+    jax.block_until_ready(run.run_chunk(episodes))
     compile_s = time.perf_counter() - start
 
     def chunk():
-        return run.advance(episodes)
+        return run.run_chunk(episodes)
 
     chunk_s = _best_time(chunk, _REPEATS.value)
 
@@ -70,36 +73,34 @@ def main(argv):
     keys = jax.vmap(jax.random.fold_in)(learners.key, learners.episode)
 
     rollout_fn = jax.jit(functools.partial(
-        rollout.rollout_episode, run.graphdef, batch_size=cfg.run.batch_size, settings=run.sampling))
+        rollout.rollout_episode, run.graphdef, batch_size=cfg.run.batch_size, settings=run.sampling_settings))
     decisions = rollout_fn(run.frozen, learners.trainable, run.env, run.setup, learners.episode, keys)
     rollout_s = _best_time(
         lambda: rollout_fn(run.frozen, learners.trainable, run.env, run.setup, learners.episode, keys),
         _REPEATS.value)
 
-    trainable_one = jax.tree.map(lambda x: x[0], learners.trainable)
-    gen_len = run.sampling.gen_len
+    gen_len = run.sampling_settings.gen_len
 
     @jax.jit
-    def reference_prefix(frozen, trainable_one, env):
-        return rollout.reference_prefix(run.graphdef, frozen, trainable_one, env.prompts, gen_len)
+    def reference_prefix(frozen, env):
+        return reference_lib.reference_prefix(run.reference_graphdef, frozen, env.prompts, gen_len)
 
     @jax.jit
-    def reference(frozen, trainable_one, prefix, decisions):
-        return rollout.reference_logprobs(
-            run.graphdef, frozen, trainable_one, prefix, decisions.prompt_row.reshape(-1),
-            decisions.tokens.reshape(-1, gen_len))
+    def reference(frozen, prefix, decisions):
+        return reference_lib.reference_logprobs(prefix, frozen, decisions.prompt_row.reshape(-1),
+                                                decisions.tokens.reshape(-1, gen_len))
 
-    prefix = reference_prefix(run.frozen, trainable_one, run.env)
-    prefix_s = _best_time(lambda: reference_prefix(run.frozen, trainable_one, run.env), _REPEATS.value)
-    ref = reference(run.frozen, trainable_one, prefix, decisions)
-    reference_s = _best_time(lambda: reference(run.frozen, trainable_one, prefix, decisions), _REPEATS.value)
+    prefix = reference_prefix(run.frozen, run.env)
+    prefix_s = _best_time(lambda: reference_prefix(run.frozen, run.env), _REPEATS.value)
+    ref = reference(run.frozen, prefix, decisions)
+    reference_s = _best_time(lambda: reference(run.frozen, prefix, decisions), _REPEATS.value)
+    decisions = decisions.replace(ref_logprobs=ref.reshape(decisions.logprobs.shape))
 
     def update_fn(map_learners):
         @jax.jit
-        def update(frozen, env, learners, decisions, ref):
-            step = functools.partial(train._update_one, run.graphdef, frozen, env.prompts, chunk_settings)
-            args = (learners, decisions, ref.reshape(decisions.logprobs.shape), keys)
-            return map_learners(step, args)
+        def update(frozen, env, learners, decisions):
+            step = functools.partial(chunk_lib.update_learner, run.graphdef, frozen, env.prompts, chunk_settings)
+            return map_learners(step, (learners, chunk_lib.ppo_batch(decisions), keys))
         return update
 
     # What train_chunk does (vmap over learners), and the same update with the
@@ -110,8 +111,8 @@ def main(argv):
     for name, map_learners in [("vmap", lambda step, args: jax.vmap(step)(*args)),
                                ("lax.map", lambda step, args: jax.lax.map(lambda xs: step(*xs), args))]:
         update = update_fn(map_learners)
-        jax.block_until_ready(update(run.frozen, run.env, learners, decisions, ref))
-        update_times[name] = _best_time(lambda: update(run.frozen, run.env, learners, decisions, ref), _REPEATS.value)
+        jax.block_until_ready(update(run.frozen, run.env, learners, decisions))
+        update_times[name] = _best_time(lambda: update(run.frozen, run.env, learners, decisions), _REPEATS.value)
 
     per = lambda seconds, n_episodes: 1000 * seconds / (n_episodes * seeds)
     print(f"compile (first chunk, incl. its run): {compile_s:.1f} s")

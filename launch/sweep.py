@@ -51,6 +51,7 @@ if str(ROOT) not in sys.path:  # Run as a script from a source checkout.
     sys.path.insert(0, str(ROOT))
 
 from moraljax import config_lib  # noqa: E402
+from moraljax import config_record  # noqa: E402
 from moraljax import reporting  # noqa: E402
 from moraljax import validation  # noqa: E402
 from moraljax.output import csv_files  # noqa: E402
@@ -238,10 +239,9 @@ def check_plan(workdir: pathlib.Path, plan: dict[str, Any]) -> None:
     Raises:
         ValueError: the existing sweep.json differs (nothing is changed).
     """
-    from moraljax import train  # Imports the model stack; only needed here.
 
     path = workdir / PLAN_FILENAME
-    train.check_workdir(workdir, plan, filename=PLAN_FILENAME, holder="a sweep")
+    config_record.check_workdir(workdir, plan, filename=PLAN_FILENAME, holder="a sweep")
     # Held only while writing: parts may run on other machines at once (--part),
     # each holding its own part's workdir.
     with workdir_lib.hold(workdir, purpose="a sweep's plan"):

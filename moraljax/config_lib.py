@@ -90,6 +90,11 @@ class RewardSettings:
         first = make(self.name)
         return first, make(self.switch_to) if self.switch_to else first
 
+    def named_specs(self) -> rewards.RewardSpec:
+        """Every named reward with these settings (xi, illegal penalty, beta), for the metrics."""
+        return rewards.named_reward_specs(xi=self.xi, illegal_penalty=self.illegal_penalty,
+                                          paper_opponent_illegal=self.paper_opponent_illegal, beta=self.beta)
+
 
 @dataclasses.dataclass(frozen=True)
 class Condition:

@@ -12,7 +12,6 @@ LLM-vs-LLM pairs) and the base model play the suite of SPEC.md section 8
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import sys
@@ -89,8 +88,9 @@ def evaluate_workdir(
 ) -> dict[str, Any]:
     """Evaluates every fine-tuned model of a finished training run, and the base.
 
-    Rebuilds the run from its config.json with train.build_run (the same
-    base model), restores the learners from the final checkpoint and runs
+    Reads the run's learners from its config.json (run_setup.learner_plan),
+    loads the same base model, restores the learners' final checkpoint
+    straight into their abstract, sharded template and runs
     `play.evaluate_policies` on the player-0 learners (the agent M; for
     LLM-vs-LLM runs the second player is not M). The run's mesh is replaced
     by one device (or `mesh.model` devices when the base is sharded over a
@@ -111,20 +111,29 @@ def evaluate_workdir(
             only checkpoints of an unfinished run; before the model is
             loaded.
     """
-    from moraljax import train
+    from moraljax import chunk as chunk_lib
+    from moraljax import run_setup
+    from moraljax import sharding as sharding_lib
+    from moraljax.llm import policy as policy_lib
 
     workdir = pathlib.Path(workdir)
     cfg = _read_config(workdir)
     checkpointer, step = _finished_step(workdir, cfg)
     say = print if progress else (lambda *_: None)
     model_axis = cfg.mesh.model
-    eval_cfg = dataclasses.replace(cfg, mesh=config_lib.MeshSettings(data=-1, model=model_axis))
+    _, learner_info = run_setup.learner_plan(cfg)
+    mesh = sharding_lib.make_mesh(config_lib.MeshSettings(data=-1, model=model_axis),
+                                  devices or jax.devices()[:model_axis], len(learner_info))
     try:
-        run = train.build_run(eval_cfg, devices=devices or jax.devices()[:model_axis])
-        learners, _ = checkpointer.restore(step, run.real_learners())
+        policy, tokenizer, _ = run_setup.load_model(cfg, mesh)
+        graphdef, trainable_state, frozen = policy_lib.split_policy(policy)
+        template = chunk_lib.learner_template(jax.eval_shape(lambda: trainable_state), len(learner_info), cfg.ppo,
+                                              sharding_lib.learner_sharding(mesh),
+                                              selecting=cfg.population.selecting())
+        learners, _ = checkpointer.restore(step, template)
     finally:
         checkpointer.close()
-    agents = [info for info in run.learner_info if info["player"] == 0]
+    agents = [info for info in learner_info if info["player"] == 0]
     index = np.asarray([info["learner"] for info in agents])
     trainable = jax.tree.map(lambda x: x[index], learners.trainable)
     conditions = list(dict.fromkeys(info["condition"] for info in agents))
@@ -138,13 +147,13 @@ def evaluate_workdir(
     say(f"evaluating {len(agents)} fine-tuned model(s) of {', '.join(conditions)} (episode {step})"
         " and the base model")
     results = play.evaluate_policies(
-        run.graphdef, run.frozen, trainable, run.tokenizer, settings,
+        graphdef, frozen, trainable, tokenizer, settings,
         seeds=[info["seed"] for info in agents], kinds=kinds, members=members, progress=say,
     )
     out_dir = pathlib.Path(out_dir) if out_dir is not None else workdir / EVALUATION_DIRNAME
     meta = {"workdir": str(workdir), "condition": ", ".join(conditions), "checkpoint_episode": int(step),
             "model_path": cfg.model.path or "built-in tiny model"}
-    summary = evaluation_report.write_outputs(results, run.tokenizer, settings, out_dir, meta=meta)
+    summary = evaluation_report.write_outputs(results, tokenizer, settings, out_dir, meta=meta)
     say(f"outputs in {out_dir}")
     return summary
 

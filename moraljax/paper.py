@@ -38,7 +38,9 @@ import ml_collections
 import numpy as np
 
 from moraljax import config_lib
+from moraljax import config_record
 from moraljax import games
+from moraljax import run_setup
 from moraljax import workdir as workdir_lib
 from moraljax.output import markdown
 from moraljax.output import names
@@ -97,9 +99,8 @@ def suite_from_config_dict(config: ml_collections.ConfigDict | Mapping[str, Any]
 
 
 def _resolved(suite: Suite) -> dict[str, Any]:
-    from moraljax import train
 
-    return {"programs": {name: train.resolved_config(cfg) for name, cfg in suite.programs},
+    return {"programs": {name: config_record.resolved_config(cfg) for name, cfg in suite.programs},
             "evaluation": json.loads(json.dumps(dataclasses.asdict(suite.evaluation)))}
 
 
@@ -120,7 +121,6 @@ def run_suite(suite: Suite, workdir: str | pathlib.Path, *, progress: bool = Tru
     """
     import jax
 
-    from moraljax import train
 
     if jax.process_count() > 1:
         raise ValueError(
@@ -128,12 +128,13 @@ def run_suite(suite: Suite, workdir: str | pathlib.Path, *, progress: bool = Tru
             " train each program with its own experiment config and evaluate on one host.")
     workdir = pathlib.Path(workdir)
     resolved = _resolved(suite)
-    defaults = {"programs": {name: train.config_defaults(cfg) for name, cfg in suite.programs},
-                "evaluation": train.config_defaults(suite.evaluation)}
-    train.check_workdir(workdir, resolved, filename=SUITE_CONFIG, holder="a suite", defaults=defaults)
+    defaults = {"programs": {name: config_record.config_defaults(cfg) for name, cfg in suite.programs},
+                "evaluation": config_record.config_defaults(suite.evaluation)}
+    config_record.check_workdir(workdir, resolved, filename=SUITE_CONFIG, holder="a suite", defaults=defaults)
     for name, cfg in suite.programs:  # All refusals before any work.
-        train.check_workdir(workdir / name, train.resolved_config(cfg), defaults=defaults["programs"][name])
-        train.model_directory(cfg.model.path)
+        config_record.check_workdir(workdir / name, config_record.resolved_config(cfg),
+                                    defaults=defaults["programs"][name])
+        run_setup.model_directory(cfg.model.path)
     with workdir_lib.hold(workdir, purpose="the paper suite"):
         return _run_suite_locked(suite, workdir, resolved, progress=progress)
 

@@ -307,13 +307,48 @@ def moral_reward(spec: RewardSpec, game: games.MatrixGame, a_m: jax.Array,
                      spec.illegal_penalty).astype(jnp.float32)
 
 
+def named_reward_specs(*, xi: float = TRAINING_XI, illegal_penalty: float = ILLEGAL_PENALTY,
+                       paper_opponent_illegal: bool = True,
+                       beta: float = VIRTUE_MIXED_BETA) -> RewardSpec:
+    """Every named reward with one set of settings, stacked [R] in ``REWARD_NAMES`` order.
+
+    What the metrics record next to the training reward: a run's named
+    rewards use the run's xi, illegal penalty and beta (``reward_spec``).
+    virtue_mixed divides kindness by xi; with xi = 0 (where kindness is 0
+    too) its entry keeps only the equality term, beta * equality.
+    """
+    specs = []
+    for name in REWARD_NAMES:
+        if name == "virtue_mixed" and float(xi) == 0.0:
+            weights = tuple(float(beta) if c == "equality" else 0.0 for c in COMPONENT_NAMES)
+            specs.append(_make_spec(weights, xi, illegal_penalty, USE_LAST_LEGAL_MOVE))
+        else:
+            specs.append(reward_spec(name, xi=xi, illegal_penalty=illegal_penalty,
+                                     paper_opponent_illegal=paper_opponent_illegal, beta=beta))
+    return stack_reward_specs(specs)
+
+
+def rewards_of_specs(specs: RewardSpec, game: games.MatrixGame, a_m: jax.Array, a_o: jax.Array,
+                     prev_o: jax.Array, legal_m: jax.Array, legal_o: jax.Array) -> dict[str, jax.Array]:
+    """Every named reward of one decision from ``named_reward_specs`` [R] (data or constants).
+
+    Returns:
+        {name: float32 scalar} for each name in ``REWARD_NAMES``.
+    """
+    chex.assert_axis_dimension(specs.weights, 0, len(REWARD_NAMES))
+    return {
+        name: moral_reward(jax.tree.map(lambda x, r=r: x[r], specs), game, a_m, a_o, prev_o, legal_m, legal_o)
+        for r, name in enumerate(REWARD_NAMES)
+    }
+
+
 def all_rewards(game: games.MatrixGame, a_m: jax.Array, a_o: jax.Array,
                 prev_o: jax.Array, legal_m: jax.Array, legal_o: jax.Array,
                 *, xi: float = TRAINING_XI,
                 illegal_penalty: float = ILLEGAL_PENALTY,
                 paper_opponent_illegal: bool = True,
                 beta: float = VIRTUE_MIXED_BETA) -> dict[str, jax.Array]:
-    """Every named reward of one decision, for logging.
+    """Every named reward of one decision, with host-constant settings.
 
     Args:
         game, a_m, a_o, prev_o, legal_m, legal_o: as for ``moral_reward``.
@@ -323,22 +358,17 @@ def all_rewards(game: games.MatrixGame, a_m: jax.Array, a_o: jax.Array,
     Returns:
         {name: float32 scalar} for each name in ``REWARD_NAMES``.
     """
-    return {
-        name: moral_reward(
-            reward_spec(name, xi=xi, illegal_penalty=illegal_penalty,
-                        paper_opponent_illegal=paper_opponent_illegal, beta=beta),
-            game, a_m, a_o, prev_o, legal_m, legal_o)
-        for name in REWARD_NAMES
-    }
+    specs = named_reward_specs(xi=xi, illegal_penalty=illegal_penalty,
+                               paper_opponent_illegal=paper_opponent_illegal, beta=beta)
+    return rewards_of_specs(specs, game, a_m, a_o, prev_o, legal_m, legal_o)
 
 
 def decision_metrics(game: games.MatrixGame, action: jax.Array, a_o: jax.Array,
-                     prev_o: jax.Array, legal_o: jax.Array, *,
-                     xi: float = TRAINING_XI,
-                     xi_eval: float = EVALUATION_XI) -> dict[str, jax.Array]:
+                     prev_o: jax.Array, legal_o: jax.Array, named_specs: RewardSpec,
+                     *, xi_eval: float = EVALUATION_XI) -> dict[str, jax.Array]:
     """What is recorded of one decision: named rewards, regrets, action type.
 
-    Shared by training (rl/rollout.py) and evaluation (evaluate.py).
+    Shared by training and evaluation (rl/rollout.py ``decision_step``).
 
     Args:
         game: an unbatched game (M's side).
@@ -346,7 +376,8 @@ def decision_metrics(game: games.MatrixGame, action: jax.Array, a_o: jax.Array,
         a_o: int scalar, O's move.
         prev_o: int scalar, O's previous move (the state M saw).
         legal_o: bool scalar; always True for fixed opponents.
-        xi: deontological penalty of the named rewards.
+        named_specs: ``named_reward_specs`` [R]: the settings (xi, illegal
+            penalty, beta) of the named rewards.
         xi_eval: deontological penalty of the regret.
 
     Returns:
@@ -355,7 +386,7 @@ def decision_metrics(game: games.MatrixGame, action: jax.Array, a_o: jax.Array,
     """
     legal = action >= 0
     a_m = jnp.maximum(action, 0)  # Any move; unused when illegal.
-    named = all_rewards(game, a_m, a_o, prev_o, legal, legal_o, xi=xi)
+    named = rewards_of_specs(named_specs, game, a_m, a_o, prev_o, legal, legal_o)
     return dict(
         named_rewards={f"reward_{name}": value for name, value in named.items()},
         regret_deont=deontological_regret(a_m, prev_o, legal, xi_eval),

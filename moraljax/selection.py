@@ -18,7 +18,7 @@ legal move yet, 1 the C string, 2 the D string) in base 3. Rows with a
 repeated member are rendered but never shown.
 
 A member's last move is its parsed answer in the last decision of its last
-episode (train.LearnerState.last_move): C, D, or none (illegal, or before
+episode (chunk_lib.LearnerState.last_move): C, D, or none (illegal, or before
 its first episode).
 
 Axis legend: G populations, P members per population, k candidates.

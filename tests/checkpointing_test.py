@@ -15,6 +15,7 @@ import pytest
 
 from moraljax import checkpointing
 from moraljax import config_lib
+from moraljax import run_setup
 from moraljax import train
 from moraljax.rl import ppo
 
@@ -142,7 +143,7 @@ def test_a_run_resumes_bit_identically_from_a_positional_checkpoint(tmp_path):
     resumed = tmp_path / "resumed"
     assert train.train(cfg, resumed, progress=False, stop_after=2) is None
     # Rewrite the episode-2 checkpoint as the old code wrote it.
-    template = train.build_run(cfg).learners
+    template = run_setup.build_run(cfg).learner_template()
     checkpointer = checkpointing.Checkpointer(resumed / "checkpoints")
     learners, meta = checkpointer.restore(2, template)
     checkpointer.close()

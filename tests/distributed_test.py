@@ -22,6 +22,7 @@ from moraljax import checkpointing
 from moraljax import config_lib
 from moraljax import distributed
 from moraljax.output import run_report
+from moraljax import run_setup
 from moraljax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -45,9 +46,10 @@ config.ppo.update(json.loads(%r))
 cfg = config_lib.experiment_from_config_dict(config)
 train.train(cfg, workdir, progress=False, checkpoint_dir=checkpoints)
 train.train(cfg, workdir, progress=False, checkpoint_dir=checkpoints)
-run = train.build_run(cfg)
+run = run_setup.build_run(cfg)
+run.start_fresh()
 learners, meta = checkpointing.Checkpointer(checkpoints).restore(2, run.real_learners())
-leaves = jax.tree.leaves(train._to_host(learners))
+leaves = jax.tree.leaves(run_setup.to_host(learners))
 if distributed.is_writer():
     np.savez(out, *leaves)
 print("RESULT", json.dumps({"mesh_processes": [d.process_index for d in run.mesh.devices.flat],
@@ -113,9 +115,10 @@ def test_two_processes_equal_one_process(tmp_path, assert_close_to_scale):
         devices = jax.devices()[:2]
         reference = tmp_path / "reference"
         train.train(cfg, reference, progress=False, devices=devices)
-        run = train.build_run(cfg, devices=devices)
+        run = run_setup.build_run(cfg, devices=devices)
+        run.start_fresh()
         learners, _ = checkpointing.Checkpointer(reference / "checkpoints").restore(2, run.real_learners())
-        expected_leaves = jax.tree.leaves(train._to_host(learners))
+        expected_leaves = jax.tree.leaves(run_setup.to_host(learners))
     finally:
         outputs = finish(workers, timeout=240)
     for worker, output in zip(workers, outputs):

@@ -22,10 +22,12 @@ import pytest
 from moraljax import action_matcher
 from moraljax import checkpointing
 from moraljax import config_lib
+from moraljax import config_record
 from moraljax import evaluate
 from moraljax import prompts
-from moraljax import train
+from moraljax import run_setup
 from moraljax.evaluation import play
+from moraljax.rl import decision as decision_lib
 from moraljax.evaluation import protocol
 from moraljax.llm import checkpoints
 from moraljax.llm import policy as policy_lib
@@ -60,7 +62,8 @@ def fixed_choice(shared, policy, table, matcher, state, key):
     action = jnp.broadcast_to(action, state.prev_m.shape).astype(jnp.int32)
     index = prompts.prompt_index(state.prev_m, state.prev_o, 0, 0)
     assert table.ids.ndim == 2  # One model's [P, T] table.
-    return play.Answers(action=action, tokens=jnp.zeros(state.prev_m.shape + (1,), jnp.int32), prompt_index=index)
+    return decision_lib.Answers(prompt_index=index, tokens=jnp.zeros(state.prev_m.shape + (1,), jnp.int32),
+                                action=action)
 
 
 def expected_regrets(policy: str, game: str) -> tuple[float, float]:
@@ -236,7 +239,9 @@ def tiny_run():
     config.run.seeds = (1, 2)
     config.run.num_episodes = 2
     cfg = config_lib.experiment_from_config_dict(config)
-    return cfg, train.build_run(cfg, devices=jax.devices()[:1])
+    run = run_setup.build_run(cfg, devices=jax.devices()[:1])
+    run.start_fresh()
+    return cfg, run
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +306,7 @@ def test_zero_adapter_is_exactly_the_adapter_switched_off(tiny_run):
 
 def _write_workdir(path, cfg, learners, step):
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(train.resolved_config(cfg)))
+    (path / "config.json").write_text(json.dumps(config_record.resolved_config(cfg)))
     if step is not None:
         checkpointer = checkpointing.Checkpointer(path / "checkpoints")
         checkpointer.save(step, learners, {"episode": step})

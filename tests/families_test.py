@@ -44,6 +44,7 @@ from moraljax import games
 from moraljax import action_matcher
 from moraljax import prompt_tables
 from moraljax import prompts
+from moraljax import run_setup
 from moraljax import train
 from moraljax.llm import adapters
 from moraljax.llm import checkpoints
@@ -467,9 +468,10 @@ def test_training_and_evaluation_run_on_the_family(family_dirs, family, tmp_path
     config.model.param_dtype = "float32"
     config.lora.rank = 4
     cfg = config_lib.experiment_from_config_dict(config)
-    run = train.build_run(cfg)
+    run = run_setup.build_run(cfg)
+    run.start_fresh()
     tokens = ACTION_TOKENS[family]
-    assert run.sampling.gen_len == tokens  # the action strings' token length, from the tokenizer
+    assert run.sampling_settings.gen_len == tokens  # the action strings' token length, from the tokenizer
     assert run.base_config.model_type == family
     if family == "llama":  # Llama 3's tokenizer has no pad token: prompts are padded with EOS.
         assert run.tokenizer.pad_token_id == run.tokenizer.eos_token_id

@@ -24,6 +24,7 @@ from moraljax import checkpointing
 from moraljax import cli
 from moraljax import config_lib
 from moraljax import interrupts
+from moraljax import run_setup
 from moraljax import train
 from moraljax import workdir as workdir_lib
 
@@ -158,7 +159,8 @@ def test_nonfinite_training_stops_before_saving_anything_from_it(tmp_path):
         train.train(experiment(config), tmp_path, progress=False)
     assert checkpoint_steps(tmp_path) == [2]  # The last good one; the diverged chunk saved nothing.
     cfg = experiment(config)
-    run = train.build_run(cfg)
+    run = run_setup.build_run(cfg)
+    run.start_fresh()
     checkpointer = checkpointing.Checkpointer(tmp_path / "checkpoints")
     state, _ = checkpointer.restore(2, run.real_learners())
     checkpointer.close()
@@ -338,7 +340,7 @@ from moraljax import checkpointing, launch, train
 
 where, number = sys.argv[1], getattr(signal, sys.argv[2])
 sys.argv = [sys.argv[0]] + sys.argv[3:]
-advance, save = train.Run.advance, checkpointing.Checkpointer.save
+advance, save = run_setup.Run.run_chunk, checkpointing.Checkpointer.save
 calls = []
 
 def signalling_advance(self, count):
@@ -356,7 +358,7 @@ def signalling_save(self, step, state, meta):
         os.kill(os.getpid(), number)
     return save(self, step, state, meta)
 
-train.Run.advance, checkpointing.Checkpointer.save = signalling_advance, signalling_save
+run_setup.Run.run_chunk, checkpointing.Checkpointer.save = signalling_advance, signalling_save
 launch.run()
 """
 

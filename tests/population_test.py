@@ -11,6 +11,7 @@ import pytest
 
 from moraljax import config_lib
 from moraljax import population_report
+from moraljax import run_setup
 from moraljax import train
 from moraljax.rl import rollout
 from moraljax.evaluation import protocol
@@ -117,9 +118,10 @@ def test_eight_devices_match_one(assert_close_to_scale):
     cfg = population_config("util:2,game:2", seeds=(1, 2, 3), num_episodes=2, episodes_per_chunk=2)
 
     def two_episodes(mesh_devices):
-        run = train.build_run(cfg, devices=mesh_devices)
+        run = run_setup.build_run(cfg, devices=mesh_devices)
+        run.start_fresh()
         assert run.num_padding == (4 if len(mesh_devices) == 8 else 0)
-        return (*run.advance(2), run.real_learners())
+        return (*run.run_chunk(2), run.real_learners())
 
     (m1, s1, l1), (m8, s8, l8) = two_episodes(devices[:1]), two_episodes(devices)
     np.testing.assert_array_equal(m1["partner"], m8["partner"])

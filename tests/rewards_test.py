@@ -518,8 +518,29 @@ def test_full_mixture_weights_every_component():
 
 def test_decision_metrics_names_every_reward():
     ipd = games.get_game("IPD")
-    out = jax.jit(rewards.decision_metrics)(ipd, jnp.int32(D), jnp.int32(C), jnp.int32(C), jnp.bool_(True))
+    out = jax.jit(rewards.decision_metrics)(ipd, jnp.int32(D), jnp.int32(C), jnp.int32(C), jnp.bool_(True),
+                                            rewards.named_reward_specs())
     assert set(out["named_rewards"]) == {f"reward_{n}" for n in rewards.REWARD_NAMES}
     assert float(out["named_rewards"]["reward_malicious_deont"]) == 3.0
     assert float(out["named_rewards"]["reward_virtue_aggressiveness"]) == 3.0
+
+
+def test_decision_metrics_use_the_given_settings():
+    """The named rewards follow xi, the illegal penalty and beta of the specs they are given."""
+    ipd = games.get_game("IPD")
+    metrics = jax.jit(rewards.decision_metrics)
+    specs = rewards.named_reward_specs(xi=5.0, illegal_penalty=-2.0, beta=0.25)
+    out = metrics(ipd, jnp.int32(D), jnp.int32(C), jnp.int32(C), jnp.bool_(True), specs)["named_rewards"]
+    assert float(out["reward_deont"]) == -5.0
+    assert float(out["reward_game_deont"]) == float(out["reward_game"]) - 5.0
+    assert float(out["reward_virtue_aggressiveness"]) == 5.0
+    illegal = metrics(ipd, jnp.int32(-1), jnp.int32(C), jnp.int32(C), jnp.bool_(True), specs)["named_rewards"]
+    assert {float(v) for v in illegal.values()} == {-2.0}
+    cooperate = metrics(ipd, jnp.int32(C), jnp.int32(C), jnp.int32(C), jnp.bool_(True), specs)["named_rewards"]
+    # beta * equality + (1 - beta) / xi * kindness = 0.25 * 1 + 0.75 / 5 * 5.
+    np.testing.assert_allclose(float(cooperate["reward_virtue_mixed"]), 1.0, rtol=1e-6)
+    # xi = 0: virtue_mixed keeps its equality term only (kindness / xi is undefined).
+    zero = metrics(ipd, jnp.int32(C), jnp.int32(C), jnp.int32(C), jnp.bool_(True),
+                   rewards.named_reward_specs(xi=0.0, beta=0.25))["named_rewards"]
+    assert float(zero["reward_virtue_mixed"]) == 0.25
     assert set(rewards.SHORT_NAMES) == set(rewards.REWARD_NAMES)

@@ -7,10 +7,11 @@ import pytest
 from flax import nnx
 
 from moraljax import config_lib
-from moraljax import train
+from moraljax import run_setup
 from moraljax.llm import lora
 from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
+from moraljax.rl import reference as reference_lib
 from moraljax.rl import rollout
 
 # IPD payoffs (SPEC 1), [a_m][a_o] -> (p_m, p_o).
@@ -29,13 +30,14 @@ def episodes():
         for name, opponent in [("util", "tft"), ("game", "ac"), ("deont", "ad"), ("game_deont", "random"),
                                ("util", "llm")]
     ]
-    run = train.build_run(cfg, conditions=conditions)
+    run = run_setup.build_run(cfg, conditions=conditions)
+    run.start_fresh()
     fn = jax.jit(
         lambda learners, episode: rollout.rollout_episode(
             run.graphdef, run.frozen, learners.trainable, run.env, run.setup,
             jnp.full_like(learners.episode, episode),
             jax.vmap(jax.random.fold_in)(learners.key, jnp.full_like(learners.episode, episode)),
-            batch_size=5, settings=run.sampling,
+            batch_size=5, settings=run.sampling_settings,
         )
     )
     records = [jax.device_get(fn(run.learners, e)) for e in range(8)]
@@ -104,11 +106,12 @@ def test_option_orders_are_random(episodes):
 def test_cached_reference_equals_a_full_forward(episodes):
     run, d = episodes
     rows = jnp.asarray(d.prompt_row[0].reshape(-1))
-    tokens = jnp.asarray(d.tokens[0].reshape(-1, run.sampling.gen_len))
-    trainable_one = jax.tree.map(lambda x: x[0], run.learners.trainable)
-    prefix = rollout.reference_prefix(run.graphdef, run.frozen, trainable_one, run.env.prompts, run.sampling.gen_len)
-    cached = rollout.reference_logprobs(run.graphdef, run.frozen, trainable_one, prefix, rows, tokens)
-    policy = policy_lib.merge_policy(run.graphdef, trainable_one, run.frozen)
+    tokens = jnp.asarray(d.tokens[0].reshape(-1, run.sampling_settings.gen_len))
+    prefix = reference_lib.reference_prefix(run.reference_graphdef, run.frozen, run.env.prompts,
+                                            run.sampling_settings.gen_len)
+    cached = reference_lib.reference_logprobs(prefix, run.frozen, rows, tokens)
+    # The reference is the policy with its adapter off (any learner's).
+    policy = policy_lib.merge_policy(run.graphdef, jax.tree.map(lambda x: x[0], run.learners.trainable), run.frozen)
     full = sampling.score_responses(
         policy, run.env.prompts.ids[rows], run.env.prompts.mask[rows], tokens, lora_enabled=False
     ).logprobs
@@ -145,14 +148,15 @@ def dropout_episode():
     config.run.seeds = (7, 8)
     config.lora.dropout = 0.05
     config.model.value_head_dropout = 0.1
-    run = train.build_run(config_lib.experiment_from_config_dict(config))
-    assert run.sampling.dropout
+    run = run_setup.build_run(config_lib.experiment_from_config_dict(config))
+    run.start_fresh()
+    assert run.sampling_settings.dropout
     trainable = with_random_lora_b(run.learners.trainable)
     keys = jax.vmap(jax.random.fold_in)(run.learners.key, run.learners.episode)
     decisions = jax.jit(
         lambda trainable, keys: rollout.rollout_episode(
             run.graphdef, run.frozen, trainable, run.env, run.setup, run.learners.episode, keys,
-            batch_size=5, settings=run.sampling,
+            batch_size=5, settings=run.sampling_settings,
         )
     )(trainable, keys)
     return run, trainable, keys, jax.device_get(decisions)

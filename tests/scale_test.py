@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from moraljax import config_lib
-from moraljax import train
+from moraljax import run_setup
 from moraljax.llm import decoder
 from moraljax.llm import lora
 from moraljax.llm import policy as policy_lib
@@ -108,12 +108,13 @@ def test_model_axis_sharding_equals_one_device(assert_close_to_scale):
     results = []
     for model in (1, 8):
         config.mesh.update(data=1, model=model)
-        run = train.build_run(config_lib.experiment_from_config_dict(config), devices=jax.devices()[:model])
+        run = run_setup.build_run(config_lib.experiment_from_config_dict(config), devices=jax.devices()[:model])
+        run.start_fresh()
         if model == 8:  # The base really is split over the 8 devices.
             sharded = [leaf for leaf in jax.tree.leaves(nnx.to_pure_dict(run.frozen))
                        if len(leaf.sharding.device_set) == 8 and not leaf.sharding.is_fully_replicated]
             assert sharded
-        results.append(run.advance(2))
+        results.append(run.run_chunk(2))
     (m1, s1), (m8, s8) = results
     np.testing.assert_array_equal(m1["action_type"], m8["action_type"])
     for key in s1:

@@ -10,6 +10,7 @@ import pytest
 from moraljax import config_lib
 from moraljax import population_report
 from moraljax import prompts
+from moraljax import run_setup
 from moraljax import selection
 from moraljax import train
 
@@ -86,7 +87,7 @@ def test_bad_selection_settings_are_one_line(field, value, fragment):
 def test_names_longer_than_an_answer_are_refused():
     cfg = config_lib.experiment_from_config_dict(selection_config("util:2,game:2", name_prefix="agent"))
     with pytest.raises(ValueError, match="population.name_prefix='agent' is not allowed") as error:
-        train.build_run(cfg)
+        run_setup.build_run(cfg)
     assert "\n" not in str(error.value)
 
 

@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
+from moraljax import chunk as chunk_lib
 from moraljax import config_lib
+from moraljax import run_setup
 from moraljax import train
 from moraljax.rl import rollout
 
@@ -54,10 +56,11 @@ def learning_run():
         config_lib.Condition(reward=config_lib.RewardSettings(name=name), opponent="tft")
         for name in ("util", "game", "deont")
     ]
-    run = train.build_run(cfg, conditions=conditions)
+    run = run_setup.build_run(cfg, conditions=conditions)
+    run.start_fresh()
     types = []
     for _ in range(2):
-        metrics, _ = run.advance(150)
+        metrics, _ = run.run_chunk(150)
         types.append(metrics["action_type"])
     return np.concatenate(types)  # [episodes, learners, decisions]
 
@@ -89,9 +92,10 @@ def test_llm_pair_learns_to_cooperate_under_utilitarian():
     # SPEC 3: two learners over one base play each other (3 decisions an
     # episode), each updated on its own decisions and rewards.
     cfg = experiment(tiny_config("util", "opponent=llm", seeds=(1,), num_episodes=200, episodes_per_chunk=100))
-    run = train.build_run(cfg)
+    run = run_setup.build_run(cfg)
+    run.start_fresh()
     assert [(i["player"], i["condition"]) for i in run.learner_info] == [(0, "util_vs_llm"), (1, "util_vs_llm")]
-    types = np.concatenate([run.advance(100)[0]["action_type"] for _ in range(2)])  # [E, 2, 3]
+    types = np.concatenate([run.run_chunk(100)[0]["action_type"] for _ in range(2)])  # [E, 2, 3]
     for player in (0, 1):
         start = shares(types[:, player], slice(0, 20))
         end = shares(types[:, player], slice(-50, None))
@@ -119,7 +123,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path, dropout):
     )
     from moraljax import checkpointing
 
-    run = train.build_run(cfg)
+    run = run_setup.build_run(cfg)
+    run.start_fresh()
     states = []
     for name in ("straight", "resumed"):
         checkpointer = checkpointing.Checkpointer(tmp_path / name / "checkpoints")
@@ -132,9 +137,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path, dropout):
 def _update_program(run, settings):
     """The jitted PPO update of every learner on one episode's decisions."""
 
-    def update(frozen, table, learners, decisions, ref_logprobs, keys):
-        one = functools.partial(train._update_one, run.graphdef, frozen, table, settings)
-        return jax.vmap(one)(learners, decisions, ref_logprobs, keys)
+    def update(frozen, table, learners, batch, keys):
+        one = functools.partial(chunk_lib.update_learner, run.graphdef, frozen, table, settings)
+        return jax.vmap(one)(learners, batch, keys)
 
     return jax.jit(update)
 
@@ -143,19 +148,21 @@ def test_paper_update_with_dropout_is_one_dropout_free_gradient():
     # TRL 0.9.x computes the update's forward in eval mode (rl/ppo.py): with
     # the paper's LoRA dropout 0.05 and value-head dropout 0.1 an episode's
     # update is ONE dropout-free gradient step.
-    free = train.build_run(experiment(tiny_config(seeds=(1, 2))))
-    paper = train.build_run(experiment(with_paper_dropout(tiny_config(seeds=(1, 2)))))
-    free.advance(1)  # Non-zero LoRA B factors, so dropout would matter.
+    free = run_setup.build_run(experiment(tiny_config(seeds=(1, 2))))
+    free.start_fresh()
+    paper = run_setup.build_run(experiment(with_paper_dropout(tiny_config(seeds=(1, 2)))))
+    paper.start_fresh()
+    free.run_chunk(1)  # Non-zero LoRA B factors, so dropout would matter.
     learners = free.learners
     keys = jax.vmap(jax.random.fold_in)(learners.key, learners.episode)
     decisions = jax.jit(
         lambda learners, keys: rollout.rollout_episode(
             paper.graphdef, paper.frozen, learners.trainable, paper.env, paper.setup, learners.episode, keys,
-            batch_size=5, settings=paper.sampling,
+            batch_size=5, settings=paper.sampling_settings,
         )
     )(learners, keys)
-    ref_logprobs = decisions.logprobs - 0.25  # Any reference: a KL of 0.25 per token.
-    args = (free.frozen, free.env.prompts, learners, train._ppo_batch(decisions), ref_logprobs, keys)
+    decisions = decisions.replace(ref_logprobs=decisions.logprobs - 0.25)  # Any reference: a KL of 0.25 per token.
+    args = (free.frozen, free.env.prompts, learners, chunk_lib.ppo_batch(decisions), keys)
 
     # No dropout enters the program: it is the dropout-free one, so the
     # results agree bit for bit.
@@ -202,8 +209,9 @@ def test_eight_devices_match_one(tmp_path):
     cfg = experiment(config)
     results = []
     for mesh_devices in (devices[:1], devices):
-        run = train.build_run(cfg, devices=mesh_devices)
-        metrics, stats = run.advance(2)
+        run = run_setup.build_run(cfg, devices=mesh_devices)
+        run.start_fresh()
+        metrics, stats = run.run_chunk(2)
         results.append((metrics, stats, run.learners))
     (m1, s1, l1), (m8, s8, l8) = results
     np.testing.assert_array_equal(m1["action_type"], m8["action_type"])
@@ -221,8 +229,9 @@ def test_padding_learners_change_no_real_learner_bit_for_bit():
     results = []
     for seeds in (range(1, 6), range(1, 9)):
         cfg = experiment(tiny_config(seeds=tuple(seeds), num_episodes=2, episodes_per_chunk=2))
-        run = train.build_run(cfg, devices=jax.devices()[:4])
-        metrics, stats = run.advance(2)
+        run = run_setup.build_run(cfg, devices=jax.devices()[:4])
+        run.start_fresh()
+        metrics, stats = run.run_chunk(2)
         results.append((run, metrics, stats, jax.device_get(run.real_learners())))
     (padded, m5, s5, l5), (full, m8, s8, l8) = results
     assert (padded.num_padding, full.num_padding) == (3, 0)
@@ -235,12 +244,29 @@ def test_padding_learners_change_no_real_learner_bit_for_bit():
 
 def test_thirty_learners_use_all_eight_devices():
     cfg = experiment(tiny_config(seeds=tuple(range(30)), num_episodes=2))
-    run = train.build_run(cfg)
+    run = run_setup.build_run(cfg)
+    run.start_fresh()
     assert run.mesh.shape["data"] == 8 and (run.num_real, run.num_padding) == (30, 2)
     assert len(run.learners.episode.sharding.device_set) == 8
     assert run.plan() == ("30 learners (+2 inert, for an even split) on a {'data': 8, 'model': 1} mesh"
                           " of 8 device(s), 4 per data shard")
     assert run.real_learners().episode.shape == (30,)
+
+
+def test_named_reward_metrics_follow_the_run_reward_settings():
+    # reward.xi = 5 and an illegal penalty of -2: the recorded reward_deont
+    # is the training reward of a deont learner, decision by decision.
+    config = tiny_config(reward="deont", seeds=(1, 2), num_episodes=3, episodes_per_chunk=3)
+    config.reward.xi = 5.0
+    config.reward.illegal_penalty = -2.0
+    run = run_setup.build_run(experiment(config))
+    run.start_fresh()
+    metrics, _ = run.run_chunk(3)
+    np.testing.assert_array_equal(metrics["reward_deont"], metrics["reward"])
+    assert set(np.unique(metrics["reward_deont"])) <= {0.0, -5.0, -2.0}
+    assert (metrics["reward_deont"] == -5.0).any() and (metrics["reward_deont"] == -2.0).any()
+    defected_on_c = metrics["action_type"] == 2  # D|C
+    np.testing.assert_array_equal(metrics["reward_malicious_deont"][defected_on_c], 5.0)
 
 
 @pytest.mark.parametrize(
@@ -282,13 +308,14 @@ def test_chunks_make_no_implicit_transfer_and_compile_once(monkeypatch):
     # float() or np.asarray): only the explicit jax.device_get of the
     # chunk's metrics after it.
     chex.clear_trace_counter()
-    monkeypatch.setattr(train, "train_chunk", chex.assert_max_traces(train.train_chunk, n=1))
+    monkeypatch.setattr(chunk_lib, "train_chunk", chex.assert_max_traces(chunk_lib.train_chunk, n=1))
     cfg = experiment(tiny_config(seeds=(1, 2), num_episodes=6, episodes_per_chunk=2))
-    run = train.build_run(cfg, devices=jax.devices()[:2])
+    run = run_setup.build_run(cfg, devices=jax.devices()[:2])
+    run.start_fresh()
     episodes = []
     with jax.transfer_guard("disallow"):
         for _ in range(3):
-            metrics, stats = run.advance(2)
+            metrics, stats = run.run_chunk(2)
             episodes.append(np.asarray(jax.device_get(run.learners.episode)))
     assert [e.tolist() for e in episodes] == [[2, 2], [4, 4], [6, 6]]
     assert metrics["action_type"].shape == (2, 2, cfg.run.batch_size)

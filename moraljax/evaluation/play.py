@@ -50,22 +50,8 @@ from moraljax import validation
 from moraljax.evaluation import protocol
 from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
+from moraljax.rl import decision as decision_lib
 from moraljax.rl import rollout
-
-
-@flax.struct.dataclass
-class Answers:
-    """What a policy answered to one prompt per episode (leading axis E).
-
-    Attributes:
-        action: int32 [E], 0 = C, 1 = D, -1 = illegal.
-        tokens: int32 [E, A] generated ids.
-        prompt_index: int32 [E], the prompt's row in its table.
-    """
-
-    action: jax.Array
-    tokens: jax.Array
-    prompt_index: jax.Array
 
 
 @flax.struct.dataclass
@@ -116,12 +102,13 @@ class ProtocolInputs:
     opponent_moves: jax.Array
 
 
-# choose(shared, params, table [P, T], matcher, state [E], key) -> Answers:
+# choose(shared, params, table [P, T], matcher, state [E], key) -> decision.Answers:
 # one model's answers to the prompts of its E current states. `shared` is the
 # same for every model (the frozen base), `params` is this model's slice of
 # the model axis (its adapter).
 ChooseFn = Callable[
-    [Any, Any, prompt_tables.PromptTable, action_matcher.ActionMatcher, games.GameState, jax.Array], Answers]
+    [Any, Any, prompt_tables.PromptTable, action_matcher.ActionMatcher, games.GameState, jax.Array],
+    decision_lib.Answers]
 
 
 def sample_answers(
@@ -133,12 +120,13 @@ def sample_answers(
     matcher: action_matcher.ActionMatcher,
     state: games.GameState,
     key: jax.Array,
-) -> Answers:
-    """The model's answers: prompt per state, sample, parse (SPEC 4).
+) -> decision_lib.Answers:
+    """The model's answers: prompt per state, sample, parse (SPEC 4; `decision.answer_prompts`).
 
     Both option orders (question and answer format) are drawn at random per
     prompt, as in training; exactly ``settings.gen_len`` tokens are sampled
-    and parsed with the exact rule.
+    and parsed with the exact rule. The E episodes draw from one key per
+    decision (split for the two orders and the sampling).
 
     Args:
         graphdef: the policy's graph definition (bind with functools.partial).
@@ -157,23 +145,17 @@ def sample_answers(
     shape = state.prev_m.shape
     first_option = jax.random.bernoulli(key_option, shape=shape).astype(jnp.int32)
     first_answer = jax.random.bernoulli(key_answer, shape=shape).astype(jnp.int32)
-    index = prompts.prompt_index(state.prev_m, state.prev_o, first_option, first_answer)
     policy = policy_lib.merge_policy(graphdef, trainable, frozen)
-    out = sampling.generate(
-        policy,
-        table.ids[index],
-        table.mask[index],
-        key_sample,
-        settings.gen_len,
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        top_p=settings.top_p,
-    )
-    return Answers(action=action_matcher.match_actions(matcher, out.tokens), tokens=out.tokens, prompt_index=index)
+
+    def sample(index):
+        return sampling.generate(policy, table.ids[index], table.mask[index], key_sample, settings.gen_len,
+                                 temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+
+    return decision_lib.answer_prompts(state, first_option, first_answer, sample, matcher)
 
 
 def play_protocol(
-    choose: Callable[[games.GameState, jax.Array], Answers],
+    choose: Callable[[games.GameState, jax.Array], decision_lib.Answers],
     game: games.MatrixGame,
     initial_states: jax.Array,
     opponent_moves: jax.Array,
@@ -184,7 +166,9 @@ def play_protocol(
     """One model plays E episodes of B decisions of the protocol.
 
     Episodes are independent (each starts from its own initial state), so
-    they run side by side; decisions are sequential (lax.scan):
+    they run side by side; decisions are sequential (lax.scan), each the
+    training's `decision.decision_step` with the protocol's opponent moves
+    as data:
 
         answers = choose(state, keys[b]);  a_o = opponent_moves[:, b]
         prev_m' = action if legal else prev_m;  prev_o' = a_o
@@ -196,7 +180,8 @@ def play_protocol(
         initial_states: int32 [E, 2] (prev_m, prev_o).
         opponent_moves: int32 [E, B].
         keys: [B] PRNG keys, one per decision.
-        xi_eval: static deontological penalty of the regret.
+        xi_eval: static deontological penalty of the regret and the named
+            rewards (so reward_deont = -regret_deont).
 
     Returns:
         EvalDecisions [E, B].
@@ -208,24 +193,26 @@ def play_protocol(
     state = games.GameState(
         prev_m=jnp.asarray(initial_states[:, 0], jnp.int32), prev_o=jnp.asarray(initial_states[:, 1], jnp.int32)
     )
-    legal_o = jnp.ones((num_episodes,), bool)
+    legal_o = jnp.ones((num_episodes,), bool)  # The Random opponent is always legal.
+    games_e = decision_lib.broadcast(game, num_episodes)
+    named_specs = decision_lib.broadcast(rewards.named_reward_specs(xi=xi_eval), num_episodes)
 
     def decide(state: games.GameState, inputs):
         a_o, key = inputs
-        answers = choose(state, key)
-        # The Random opponent is always legal.
-        outcome = jax.vmap(functools.partial(rewards.decision_metrics, xi=xi_eval, xi_eval=xi_eval),
-                           in_axes=(None, 0, 0, 0, 0))(game, answers.action, a_o, state.prev_o, legal_o)
-        legal_m = answers.action >= 0
-        next_state = jax.vmap(games.step)(state, jnp.maximum(answers.action, 0), a_o, legal_m, legal_o)
+        next_state, outcome = decision_lib.decision_step(
+            state, lambda state: choose(state, key), lambda state, action: (a_o, legal_o),
+            game=games_e, named_specs=named_specs, xi_eval=xi_eval)
         record = EvalDecisions(
-            prompt_index=answers.prompt_index.astype(jnp.int32),
-            tokens=answers.tokens.astype(jnp.int32),
-            action=answers.action.astype(jnp.int32),
+            prompt_index=outcome.answers.prompt_index.astype(jnp.int32),
+            tokens=outcome.answers.tokens.astype(jnp.int32),
+            action=outcome.answers.action.astype(jnp.int32),
             opponent_action=a_o,
-            prev_m=state.prev_m,
-            prev_o=state.prev_o,
-            **outcome,
+            prev_m=outcome.prev_m,
+            prev_o=outcome.prev_o,
+            named_rewards=outcome.named_rewards,
+            regret_deont=outcome.regret_deont,
+            regret_util=outcome.regret_util,
+            action_type=outcome.action_type,
         )
         return next_state, record
 

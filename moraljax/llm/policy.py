@@ -37,39 +37,21 @@ class ForwardOutput:
     cache: decoder.KVCache | None
 
 
-class Policy(nnx.Module):
-    """The decoder with LoRA adapters and a value head: the PPO actor-critic.
+class LanguageModel(nnx.Module):
+    """The decoder alone: the reference model (the base, no adapters), and what ``Policy`` extends.
 
     Attributes:
-        model: the ``decoder.Decoder`` (frozen ``nnx.Param`` weights, trainable
-            ``LoRAParam`` factors).
-        value_head: the ``ValueHead`` (``ValueHeadParam``).
+        model: the ``decoder.Decoder``.
     """
 
     def __init__(
         self,
         config: decoder.DecoderConfig,
         *,
-        lora: lora_lib.LoraConfig | None = lora_lib.LoraConfig(),
-        value_head_dropout: float = 0.1,
+        lora: lora_lib.LoraConfig | None = None,
         param_dtype: jnp.dtype = jnp.float32,
-        key: jax.Array,
     ):
-        """Builds a policy with fresh adapters and value head and a ZERO base.
-
-        The frozen base comes from ``checkpoints.load_hf_model`` or
-        ``random_base_state``; ``init_policy`` does the random case.
-
-        Args:
-            config: architecture.
-            lora: adapter settings (paper: ``LoraConfig()``), None for none.
-            value_head_dropout: TRL's ``summary_dropout_prob`` (default 0.1).
-            param_dtype: dtype of the frozen weights.
-            key: PRNG key of the trainable parameters (``lora.init_trainable``).
-        """
         self.model = decoder.Decoder(config, lora=lora, param_dtype=param_dtype)
-        self.value_head = lora_lib.ValueHead(config.hidden_size, dropout_rate=value_head_dropout)
-        nnx.update(self, lora_lib.init_trainable(self, key))
 
     @property
     def config(self) -> decoder.DecoderConfig:
@@ -102,9 +84,62 @@ class Policy(nnx.Module):
         """float32 [..., V] softcapped logits of ``hidden`` [..., D]."""
         return self.model.logits(hidden)
 
+
+class Policy(LanguageModel):
+    """The decoder with LoRA adapters and a value head: the PPO actor-critic.
+
+    Attributes:
+        model: the ``decoder.Decoder`` (frozen ``nnx.Param`` weights, trainable
+            ``LoRAParam`` factors).
+        value_head: the ``ValueHead`` (``ValueHeadParam``).
+    """
+
+    def __init__(
+        self,
+        config: decoder.DecoderConfig,
+        *,
+        lora: lora_lib.LoraConfig | None = lora_lib.LoraConfig(),
+        value_head_dropout: float = 0.1,
+        param_dtype: jnp.dtype = jnp.float32,
+        key: jax.Array,
+    ):
+        """Builds a policy with fresh adapters and value head and a ZERO base.
+
+        The frozen base comes from ``checkpoints.load_hf_model`` or
+        ``random_base_state``; ``init_policy`` does the random case.
+
+        Args:
+            config: architecture.
+            lora: adapter settings (paper: ``LoraConfig()``), None for none.
+            value_head_dropout: TRL's ``summary_dropout_prob`` (default 0.1).
+            param_dtype: dtype of the frozen weights.
+            key: PRNG key of the trainable parameters (``lora.init_trainable``).
+        """
+        super().__init__(config, lora=lora, param_dtype=param_dtype)
+        self.value_head = lora_lib.ValueHead(config.hidden_size, dropout_rate=value_head_dropout)
+        nnx.update(self, lora_lib.init_trainable(self, key))
+
     def values(self, hidden: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """float32 [...] value-head outputs of ``hidden`` [..., D]."""
         return self.value_head(hidden, dropout_key)
+
+
+def reference_graphdef(policy: Policy) -> nnx.GraphDef:
+    """The graph of ``policy``'s base without adapters or value head: the reference model.
+
+    Its state is exactly the policy's frozen state (``split_policy``), so
+    ``merge_reference(graphdef, frozen)`` needs no learner's trainable state.
+    It computes what the policy computes with ``lora_enabled=False``.
+    """
+    abstract = nnx.eval_shape(lambda: LanguageModel(policy.config, param_dtype=policy.model.dtype))
+    abstract.model.remat = policy.model.remat
+    graphdef, _ = nnx.split(abstract)
+    return graphdef
+
+
+def merge_reference(graphdef: nnx.GraphDef, frozen_state: nnx.State) -> LanguageModel:
+    """The reference model from ``reference_graphdef`` and the policy's frozen state."""
+    return nnx.merge(graphdef, frozen_state)
 
 
 # (dotted state path, shape) -> where to put that parameter (None: default device).

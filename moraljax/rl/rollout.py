@@ -34,16 +34,20 @@ dropout (TRL's eval-mode `batched_forward_pass`). Without sampling dropout
 the sampler's own log-probs and values are that; with it, the episode ends
 with one dropout-free forward of every learner's B answers (`rescore`).
 
-The reference model (the base with the adapter off) never changes during a
-run, so its prefill of the distinct prompts is computed once per chunk
-(`reference_prefix`) and each decision's reference log-probs come from
-`gen_len - 1` cached decode steps instead of a full forward.
+The reference log-probs of every answer (the base without adapters,
+rl/reference.py) come last, from a prefix cache of the distinct prompts
+prefilled once per chunk by the caller.
 
-Axis legend: N learners, B decisions per episode, P distinct prompts per player,
-T prompt tokens, L generated tokens, D model dim.
+Each decision is `decision.decision_step`, the step evaluation plays too;
+its random draws are training's own: learner n's decision key splits into
+the two option orders, the sampling key and the fixed opponent's key.
+
+Axis letters (docs/ARCHITECTURE.md): N learners, B decisions per episode, P
+distinct prompts per player, T prompt tokens, A answer (generated) tokens.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -55,12 +59,12 @@ from moraljax import action_matcher
 from moraljax import games
 from moraljax import opponents
 from moraljax import prompt_tables
-from moraljax import prompts
 from moraljax import rewards
 from moraljax import selection as selection_lib
-from moraljax.llm import decoder
 from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
+from moraljax.rl import decision as decision_lib
+from moraljax.rl import reference as reference_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +124,9 @@ class LearnerSetup:
         reward_first: reward used before `switch_episode`.
         reward_second: reward from `switch_episode` on (unlearning, SPEC 2).
         switch_episode: int32; a value >= the run length means no switch.
+        named_specs: every named reward with the condition's settings
+            (rewards.named_reward_specs, [N, R]): the recorded
+            `reward_<name>` metrics.
     """
 
     opponent: jax.Array
@@ -128,6 +135,7 @@ class LearnerSetup:
     reward_first: rewards.RewardSpec
     reward_second: rewards.RewardSpec
     switch_episode: jax.Array
+    named_specs: rewards.RewardSpec
 
 
 @flax.struct.dataclass
@@ -136,13 +144,15 @@ class Decisions:
 
     Attributes:
         prompt_row: int32, row of `Environment.prompts` the learner saw.
-        tokens: int32 [N, B, L] generated ids.
-        logprobs: float32 [N, B, L] old log-probs for the PPO update: the
+        tokens: int32 [N, B, A] generated ids.
+        logprobs: float32 [N, B, A] old log-probs for the PPO update: the
             policy's, without dropout, of the sampled tokens.
-        values: float32 [N, B, L] values from the same dropout-free forward.
-        sampling_logprobs: float32 [N, B, L] log-probs under the
+        values: float32 [N, B, A] values from the same dropout-free forward.
+        sampling_logprobs: float32 [N, B, A] log-probs under the
             distribution the tokens were drawn from (with LoRA dropout when
             sampling had it; then they differ from `logprobs`).
+        ref_logprobs: float32 [N, B, A] log-probs of the reference model
+            (rl/reference.py), or None when the episode was played without it.
         action: int32 parsed action, 0 = C, 1 = D, -1 = illegal.
         partner: int32 learner index of the opponent in this episode (a
             learning one), -1 against a fixed strategy.
@@ -162,6 +172,7 @@ class Decisions:
     logprobs: jax.Array
     values: jax.Array
     sampling_logprobs: jax.Array
+    ref_logprobs: jax.Array | None
     action: jax.Array
     partner: jax.Array
     opponent_action: jax.Array
@@ -182,7 +193,7 @@ class Selections:
 
     Attributes:
         prompt_row: int32 row of `Environment.prompts` (a selection prompt).
-        tokens, logprobs, values: [N, L] the answer, as in `Decisions`.
+        tokens, logprobs, values, ref_logprobs: [N, A] the answer, as in `Decisions`.
         choice: int32 learner index of the chosen member, -1 for an illegal
             answer (not the name of a shown candidate).
         choice_move: int32 the chosen candidate's last move as shown (-1
@@ -198,6 +209,7 @@ class Selections:
     tokens: jax.Array
     logprobs: jax.Array
     values: jax.Array
+    ref_logprobs: jax.Array | None
     choice: jax.Array
     choice_move: jax.Array
     offered_c: jax.Array
@@ -215,7 +227,7 @@ def current_reward(setup: LearnerSetup, episode: jax.Array) -> rewards.RewardSpe
     )
 
 
-def _sample_one(
+def sample_one(
     graphdef: nnx.GraphDef,
     frozen: nnx.State,
     trainable: nnx.State,
@@ -225,7 +237,7 @@ def _sample_one(
     dropout_key: jax.Array | None,
     settings: SamplingSettings,
 ) -> sampling.GenerateOutput:
-    """One learner samples an answer to one prompt: [T] -> [L] arrays."""
+    """One learner samples an answer to one prompt: [T] -> [A] arrays."""
     policy = policy_lib.merge_policy(graphdef, trainable, frozen)
     out = sampling.generate(
         policy,
@@ -239,20 +251,6 @@ def _sample_one(
         dropout_key=dropout_key,
     )
     return jax.tree.map(lambda x: x[0], out)
-
-
-def _decision_outcome(
-    game: games.MatrixGame,
-    spec: rewards.RewardSpec,
-    state: games.GameState,
-    action: jax.Array,
-    a_o: jax.Array,
-    legal_o: jax.Array,
-) -> dict[str, jax.Array]:
-    """Training reward plus the recorded metrics of one decision (one learner, own-side game)."""
-    legal = action >= 0
-    reward = rewards.moral_reward(spec, game, jnp.maximum(action, 0), a_o, state.prev_o, legal, legal_o)
-    return dict(reward=reward, **rewards.decision_metrics(game, action, a_o, state.prev_o, legal_o))
 
 
 # fold_in constant of the matching stream: independent of every other draw.
@@ -333,7 +331,7 @@ def _select_partners(
     shown = jnp.minimum(candidates + base[:, None], num_learners - 1)
     shown_moves = last_move[shown]
     row = env.selection_first_row + selection_lib.selection_row(candidates, shown_moves, size)
-    sample = jax.vmap(_sample_one, in_axes=(None, None, 0, 0, 0, 0, 0, None))(
+    sample = jax.vmap(sample_one, in_axes=(None, None, 0, 0, 0, 0, 0, None))(
         graphdef, frozen, trainable, env.prompts.ids[row], env.prompts.mask[row], key_sample,
         key_dropout if settings.dropout else None, settings)
     named = action_matcher.match_actions(env.selection_matcher, sample.tokens)  # local number or -1
@@ -353,6 +351,7 @@ def _select_partners(
         tokens=sample.tokens,
         logprobs=sample.logprobs,
         values=sample.values,
+        ref_logprobs=None,
         choice=jnp.where(legal, named + base, -1).astype(jnp.int32),
         choice_move=choice_move.astype(jnp.int32),
         offered_c=jnp.sum(shown_moves == 0, axis=1).astype(jnp.int32),
@@ -360,6 +359,126 @@ def _select_partners(
         reward=jnp.zeros((num_learners,), jnp.float32),
     )
     return partner, player.reshape(members), record
+
+
+@flax.struct.dataclass
+class Pairs:
+    """Who plays whom in one episode (leading axis N).
+
+    Attributes:
+        partner: int32 learner index of the learning opponent (0 when none).
+        player: int32, 0 for M, 1 for the second LLM of a pair.
+        has_partner: bool, the opponent is a learner (else a fixed strategy).
+    """
+
+    partner: jax.Array
+    player: jax.Array
+    has_partner: jax.Array
+
+
+def _episode_pairs(
+    graphdef: nnx.GraphDef,
+    frozen: nnx.State,
+    trainable: nnx.State,
+    env: Environment,
+    setup: LearnerSetup,
+    keys: jax.Array,
+    last_move: jax.Array | None,
+    *,
+    settings: SamplingSettings,
+    population_size: int,
+    population_members: int,
+    selection_candidates: int,
+) -> tuple[Pairs, Selections | None]:
+    """The episode's pairs: from `setup`, a random matching, or the members' selections."""
+    if not population_size:
+        return Pairs(partner=jnp.maximum(setup.partner, 0), player=setup.player, has_partner=setup.partner >= 0), None
+    num_learners = keys.shape[0]
+    members = population_members or num_learners
+    chosen = None
+    if selection_candidates:
+        partner, player, chosen = _select_partners(
+            graphdef, frozen, trainable, env, keys, last_move, population_size=population_size,
+            members=members, num_candidates=selection_candidates, settings=settings)
+    else:
+        partner, player = population_pairing(keys[:members], population_size)
+    padding = jnp.zeros((num_learners - members,), jnp.int32)
+    pairs = Pairs(partner=jnp.concatenate([partner, padding]), player=jnp.concatenate([player, padding]),
+                  has_partner=jnp.arange(num_learners) < members)
+    return pairs, chosen
+
+
+def _initial_states(setup: LearnerSetup, pairs: Pairs, keys: jax.Array) -> games.GameState:
+    """Every learner's first state; the second LLM of a pair starts from its partner's, seen from its side."""
+    state = jax.vmap(opponents.initial_state)(setup.opponent, keys)
+    mirrored = games.swap_players(jax.tree.map(lambda x: x[pairs.partner], state))
+    second = pairs.has_partner & (pairs.player == 1)
+    return jax.tree.map(lambda own, other: jnp.where(second, other, own), state, mirrored)
+
+
+def _learner_decision(
+    graphdef: nnx.GraphDef,
+    frozen: nnx.State,
+    trainable: nnx.State,
+    env: Environment,
+    setup: LearnerSetup,
+    pairs: Pairs,
+    spec: rewards.RewardSpec,
+    settings: SamplingSettings,
+    state: games.GameState,
+    keys: jax.Array,
+) -> tuple[games.GameState, Decisions]:
+    """Decision t of every learner (`decision.decision_step` with training's draws): [N] records."""
+    num_prompts = (env.selection_first_row or env.prompts.ids.shape[0]) // 2
+    split = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
+    key_option, key_answer, key_sample, key_opponent = jnp.moveaxis(split, 1, 0)
+    key_dropout = None
+    if settings.dropout:
+        # Split only here, so runs without dropout keep their streams.
+        key_sample, key_dropout = jnp.moveaxis(jax.vmap(jax.random.split)(key_sample), 1, 0)
+    # SPEC 4: both option orders drawn independently at every prompt.
+    first_option = jax.vmap(jax.random.bernoulli)(key_option).astype(jnp.int32)
+    first_answer = jax.vmap(jax.random.bernoulli)(key_answer).astype(jnp.int32)
+    row_offset = pairs.player * num_prompts
+
+    def sample(index):
+        row = row_offset + index
+        return jax.vmap(sample_one, in_axes=(None, None, 0, 0, 0, 0, 0, None))(
+            graphdef, frozen, trainable, env.prompts.ids[row], env.prompts.mask[row], key_sample, key_dropout,
+            settings)
+
+    def opponent(state, action):
+        fixed_move = jax.vmap(opponents.fixed_opponent_move)(setup.opponent, state, key_opponent)
+        # A learning opponent's move is its own parsed answer in this step.
+        partner_action = action[pairs.partner]
+        a_o = jnp.where(pairs.has_partner, jnp.maximum(partner_action, 0), fixed_move)
+        return a_o, jnp.where(pairs.has_partner, partner_action >= 0, True)
+
+    answer = lambda state: decision_lib.answer_prompts(state, first_option, first_answer, sample, env.matcher)
+    next_state, outcome = decision_lib.decision_step(
+        state, answer, opponent, game=jax.tree.map(lambda x: x[pairs.player], env.game),
+        named_specs=setup.named_specs, reward_spec=spec)
+    answers = outcome.answers
+    record = Decisions(
+        prompt_row=row_offset + answers.prompt_index,
+        tokens=answers.tokens,
+        logprobs=answers.logprobs,
+        values=answers.values,
+        sampling_logprobs=answers.logprobs,
+        ref_logprobs=None,
+        action=answers.action,
+        partner=jnp.where(pairs.has_partner, pairs.partner, -1),
+        opponent_action=outcome.opponent_action,
+        opponent_legal=outcome.opponent_legal,
+        prev_m=outcome.prev_m,
+        prev_o=outcome.prev_o,
+        reward=outcome.reward,
+        named_rewards=outcome.named_rewards,
+        regret_deont=outcome.regret_deont,
+        regret_util=outcome.regret_util,
+        action_type=outcome.action_type,
+    )
+    return next_state, record
 
 
 def rollout_episode(
@@ -377,6 +496,7 @@ def rollout_episode(
     population_members: int = 0,
     selection_candidates: int = 0,
     last_move: jax.Array | None = None,
+    reference: reference_lib.ReferencePrefix | None = None,
 ) -> Decisions:
     """Plays one episode of `batch_size` decisions for every learner.
 
@@ -399,86 +519,22 @@ def rollout_episode(
         selection_candidates: static k; > 0 with populations: partners come
             from every member's selection among k candidates (`_select_partners`).
         last_move: int32 [N] every learner's last parsed move (with selection).
+        reference: the chunk's reference prefill; with it the records carry
+            `ref_logprobs`, without it they are None.
 
     Returns:
         `Decisions` with leading axes [N, B].
     """
-    num_prompts = (env.selection_first_row or env.prompts.ids.shape[0]) // 2
     key_init, key_steps = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-    state = jax.vmap(opponents.initial_state)(setup.opponent, key_init)
-    chosen = None
-    if population_size:
-        members = population_members or keys.shape[0]
-        if selection_candidates:
-            partner, player, chosen = _select_partners(
-                graphdef, frozen, trainable, env, keys, last_move, population_size=population_size,
-                members=members, num_candidates=selection_candidates, settings=settings)
-        else:
-            partner, player = population_pairing(keys[:members], population_size)
-        padding = jnp.zeros((keys.shape[0] - members,), jnp.int32)
-        partner, player = jnp.concatenate([partner, padding]), jnp.concatenate([player, padding])
-        has_partner = jnp.arange(keys.shape[0]) < members
-    else:
-        has_partner = setup.partner >= 0
-        partner = jnp.maximum(setup.partner, 0)
-        player = setup.player
-    # The second LLM of a pair starts from its partner's state, seen from its side.
-    mirrored = games.swap_players(jax.tree.map(lambda x: x[partner], state))
-    second = has_partner & (player == 1)
-    state = jax.tree.map(lambda own, other: jnp.where(second, other, own), state, mirrored)
-    game = jax.tree.map(lambda x: x[player], env.game)  # [N] own-side games
+    pairs, chosen = _episode_pairs(
+        graphdef, frozen, trainable, env, setup, keys, last_move, settings=settings,
+        population_size=population_size, population_members=population_members,
+        selection_candidates=selection_candidates)
+    state = _initial_states(setup, pairs, key_init)
     spec = jax.vmap(current_reward)(setup, episode)
     step_keys = jax.vmap(lambda k: jax.random.split(k, batch_size))(key_steps)
     step_keys = jnp.moveaxis(step_keys, 1, 0)  # [B, N, ...]
-
-    def decide(state: games.GameState, keys_t: jax.Array):
-        split = jax.vmap(lambda k: jax.random.split(k, 4))(keys_t)
-        key_option, key_answer, key_sample, key_opponent = jnp.moveaxis(split, 1, 0)
-        key_dropout = None
-        if settings.dropout:
-            # Split only here, so runs without dropout keep their streams.
-            key_sample, key_dropout = jnp.moveaxis(jax.vmap(jax.random.split)(key_sample), 1, 0)
-        # SPEC 4: both option orders drawn independently at every prompt.
-        first_option = jax.vmap(jax.random.bernoulli)(key_option).astype(jnp.int32)
-        first_answer = jax.vmap(jax.random.bernoulli)(key_answer).astype(jnp.int32)
-        index = prompts.prompt_index(state.prev_m, state.prev_o, first_option, first_answer)
-        row = player * num_prompts + index
-        sample = jax.vmap(_sample_one, in_axes=(None, None, 0, 0, 0, 0, 0, None))(
-            graphdef,
-            frozen,
-            trainable,
-            env.prompts.ids[row],
-            env.prompts.mask[row],
-            key_sample,
-            key_dropout,
-            settings,
-        )
-        action = action_matcher.match_actions(env.matcher, sample.tokens)
-        fixed_move = jax.vmap(opponents.fixed_opponent_move)(setup.opponent, state, key_opponent)
-        # A learning opponent's move is its own parsed answer in this step.
-        partner_action = action[partner]
-        a_o = jnp.where(has_partner, jnp.maximum(partner_action, 0), fixed_move)
-        legal_o = jnp.where(has_partner, partner_action >= 0, True)
-        outcome = jax.vmap(_decision_outcome, in_axes=(0, 0, 0, 0, 0, 0))(
-            game, spec, state, action, a_o, legal_o
-        )
-        next_state = jax.vmap(games.step)(state, jnp.maximum(action, 0), a_o, action >= 0, legal_o)
-        record = Decisions(
-            prompt_row=row,
-            tokens=sample.tokens,
-            logprobs=sample.logprobs,
-            values=sample.values,
-            sampling_logprobs=sample.logprobs,
-            action=action,
-            partner=jnp.where(has_partner, partner, -1),
-            opponent_action=a_o,
-            opponent_legal=legal_o,
-            prev_m=state.prev_m,
-            prev_o=state.prev_o,
-            **outcome,
-        )
-        return next_state, record
-
+    decide = functools.partial(_learner_decision, graphdef, frozen, trainable, env, setup, pairs, spec, settings)
     _, records = jax.lax.scan(decide, state, step_keys)
     records = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), records)  # [B, N] -> [N, B]
     if settings.dropout:
@@ -489,11 +545,28 @@ def rollout_episode(
                                  chosen.tokens[:, None])
             chosen = chosen.replace(logprobs=scored.logprobs[:, 0], values=scored.values[:, 0])
         # The selection earns the game that follows it (docs/POPULATIONS.md).
-        illegal_penalty = spec.illegal_penalty
-        reward = jnp.where(chosen.choice >= 0, jnp.mean(records.reward, axis=1), illegal_penalty)
+        reward = jnp.where(chosen.choice >= 0, jnp.mean(records.reward, axis=1), spec.illegal_penalty)
         records = records.replace(selection=chosen.replace(reward=reward.astype(jnp.float32)))
+    if reference is not None:
+        records = _with_reference(records, reference, frozen)
     return records
 
+
+def _with_reference(records: Decisions, reference: reference_lib.ReferencePrefix, frozen: nnx.State) -> Decisions:
+    """`records` with the reference log-probs of every answer (the selection's too), in one batch."""
+    rows, tokens = records.prompt_row, records.tokens  # [N, B], [N, B, A]
+    chosen = records.selection
+    if chosen is not None:
+        rows = jnp.concatenate([rows, chosen.prompt_row[:, None]], axis=1)
+        tokens = jnp.concatenate([tokens, chosen.tokens[:, None]], axis=1)
+    flat = reference_lib.reference_logprobs(reference, frozen, rows.reshape(-1),
+                                            tokens.reshape((-1,) + tokens.shape[2:]))
+    ref = flat.reshape(tokens.shape)
+    batch_size = records.prompt_row.shape[1]
+    records = records.replace(ref_logprobs=ref[:, :batch_size])
+    if chosen is not None:
+        records = records.replace(selection=chosen.replace(ref_logprobs=ref[:, batch_size]))
+    return records
 
 def rescore(
     graphdef: nnx.GraphDef,
@@ -524,67 +597,13 @@ def rescore(
 
 def _score_rows(graphdef: nnx.GraphDef, frozen: nnx.State, trainable: nnx.State, table: prompt_tables.PromptTable,
                 rows: jax.Array, tokens: jax.Array) -> sampling.ScoreOutput:
-    """Dropout-free scores of every learner's responses: rows [N, M], tokens [N, M, L]."""
+    """Dropout-free scores of every learner's answers: rows [N, B], tokens [N, B, A]."""
 
     def one_learner(trainable, rows, tokens):
         policy = policy_lib.merge_policy(graphdef, trainable, frozen)
         return sampling.score_responses(policy, table.ids[rows], table.mask[rows], tokens)
 
     return jax.vmap(one_learner)(trainable, rows, tokens)
-
-
-@flax.struct.dataclass
-class ReferencePrefix:
-    """The reference model's prefill of every distinct prompt.
-
-    Attributes:
-        cache: KV cache rows [P, ...] with room for gen_len - 1 more tokens.
-        last_hidden: float32 [P, D], hidden state of each prompt's last token.
-    """
-
-    cache: decoder.KVCache
-    last_hidden: jax.Array
-
-
-def reference_prefix(
-    graphdef: nnx.GraphDef, frozen: nnx.State, trainable_one: nnx.State, table: prompt_tables.PromptTable, gen_len: int
-) -> ReferencePrefix:
-    """Prefills the base model (adapter off) on all prompts of the table.
-
-    `trainable_one` is any one learner's trainable state: with the adapter
-    off it does not enter the computation, but the policy needs it to exist.
-    """
-    policy = policy_lib.merge_policy(graphdef, trainable_one, frozen)
-    cache, last_hidden = sampling.prefill(policy, table.ids, table.mask, gen_len - 1, lora_enabled=False)
-    return ReferencePrefix(cache=cache, last_hidden=last_hidden)
-
-
-def reference_logprobs(
-    graphdef: nnx.GraphDef,
-    frozen: nnx.State,
-    trainable_one: nnx.State,
-    prefix: ReferencePrefix,
-    prompt_row: jax.Array,
-    tokens: jax.Array,
-) -> jax.Array:
-    """Reference log-probs of responses, from the cached prompt prefixes.
-
-    Args:
-        prompt_row: int32 [M] rows of the prompt table.
-        tokens: int32 [M, L] responses.
-
-    Returns:
-        float32 [M, L]: log pi_ref(token_l | prompt, tokens_<l).
-    """
-    policy = policy_lib.merge_policy(graphdef, trainable_one, frozen)
-    cache = jax.tree.map(lambda x: x[prompt_row], prefix.cache)
-    hidden = prefix.last_hidden[prompt_row]
-    logprobs = []
-    for step in range(tokens.shape[1]):  # L is 2 in the paper: unrolled.
-        logprobs.append(sampling.token_log_probs(policy.logits(hidden), tokens[:, step]))
-        if step + 1 < tokens.shape[1]:
-            cache, hidden = sampling.decode_step(policy, cache, tokens[:, step], lora_enabled=False)
-    return jnp.stack(logprobs, axis=1)
 
 
 def flatten_learners(tree: Any) -> Any:
