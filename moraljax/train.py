@@ -31,12 +31,12 @@ from moraljax.output import names as metric_names
 
 
 def export_adapters(run: run_setup.Run, directory: pathlib.Path, *, is_writer: bool) -> None:
-    """Writes every learner's adapter in PEFT's format (llm/adapters.py).
+    """Writes every learner's adapter in PEFT's format (llm/adapter_export.py).
 
     One directory per learner, `<condition>_seed<seed>[_player<p>]`, loadable
     with transformers + peft on the same base model.
     """
-    from moraljax.llm import adapters
+    from moraljax.llm import adapter_export
 
     trainable = run_setup.to_host(run.learners.trainable)
     if not is_writer:
@@ -48,7 +48,7 @@ def export_adapters(run: run_setup.Run, directory: pathlib.Path, *, is_writer: b
             name += f"_member{info['member']}"
         elif info["opponent_is_llm"]:
             name += f"_player{info['player']}"
-        adapters.export_peft_adapter(
+        adapter_export.export_peft_adapter(
             jax.tree.map(lambda x: x[n], trainable),
             run.cfg.lora,
             directory / name,

@@ -1,4 +1,4 @@
-"""Tests of moraljax.llm.adapters: PEFT-format export and load of LoRA adapters.
+"""Tests of llm/adapter_format.py, adapter_export.py, adapter_load.py: PEFT-format LoRA adapters.
 
 The reference is independent: a tiny random transformers Gemma2ForCausalLM
 wrapped by ``peft.PeftModel.from_pretrained`` on the exported directory must
@@ -20,7 +20,9 @@ import torch
 import transformers
 from flax import nnx
 
-from moraljax.llm import adapters
+from moraljax.llm import adapter_export
+from moraljax.llm import adapter_format
+from moraljax.llm import adapter_load
 from moraljax.llm import checkpoints
 from moraljax.llm import decoder
 from moraljax.llm import lora as lora_lib
@@ -130,7 +132,7 @@ def _flat_arrays(state, only=None):
 def _export(policy, config, directory, targets, **kwargs):
     trainable = policy_lib.split_policy(policy)[1]
     kwargs = dict(dict(base_model_name_or_path=BASE_NAME, base_config=config), **kwargs)
-    adapters.export_peft_adapter(trainable, _lora(targets), directory, **kwargs)
+    adapter_export.export_peft_adapter(trainable, _lora(targets), directory, **kwargs)
     return trainable
 
 
@@ -148,7 +150,7 @@ def test_peft_loads_export_with_identical_logits_and_round_trip_is_exact(base_di
     trainable = _export(policy, config, adapter_dir, targets)
 
     written = json.loads((adapter_dir / "adapter_config.json").read_text())
-    assert written["target_modules"] == [adapters.TARGET_MODULES[t] for t in targets]
+    assert written["target_modules"] == [adapter_format.TARGET_MODULES[t] for t in targets]
     assert (written["r"], written["lora_alpha"], written["lora_dropout"]) == (4, 8.0, 0.05)
     weights = safetensors.numpy.load_file(adapter_dir / "adapter_model.safetensors")
     assert len(weights) == 2 * len(targets) * config.num_hidden_layers
@@ -171,7 +173,7 @@ def test_peft_loads_export_with_identical_logits_and_round_trip_is_exact(base_di
     trl_values = (hidden @ head["v_head.summary.weight"].T + head["v_head.summary.bias"])[..., 0]
     np.testing.assert_allclose(our_values[valid], trl_values[valid], atol=1e-5)
 
-    loaded, lora = adapters.load_peft_adapter(adapter_dir, _template(config, targets), base_config=config)
+    loaded, lora = adapter_load.load_peft_adapter(adapter_dir, _template(config, targets), base_config=config)
     assert lora == _lora(targets)
     expected, got = _flat_arrays(trainable), _flat_arrays(loaded)
     assert expected.keys() == got.keys()
@@ -202,8 +204,10 @@ def test_adapter_written_by_peft_loads_into_moraljax(base_dir, tmp_path):
     )
     graphdef, template, frozen = policy_lib.split_policy(policy)
     with pytest.raises(FileNotFoundError, match="value_head=False"):
-        adapters.load_peft_adapter(tmp_path / "peft_adapter", template, base_config=config)
-    loaded, lora = adapters.load_peft_adapter(tmp_path / "peft_adapter", template, base_config=config, value_head=False)
+        adapter_load.load_peft_adapter(tmp_path / "peft_adapter", template, base_config=config)
+    loaded, lora = adapter_load.load_peft_adapter(
+        tmp_path / "peft_adapter", template, base_config=config, value_head=False
+    )
     assert lora == lora_lib.LoraConfig(rank=4, alpha=16.0, dropout=0.0, targets=targets)
     # The head comes back unchanged from the template.
     np.testing.assert_array_equal(
@@ -246,7 +250,7 @@ def test_missing_tensor_is_named(exported, tmp_path):
     del weights[name]
     safetensors.numpy.save_file(weights, broken / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=f"missing tensor '{name}'"):
-        adapters.load_peft_adapter(broken, _template(config, QV), base_config=config)
+        adapter_load.load_peft_adapter(broken, _template(config, QV), base_config=config)
 
 
 def test_unexpected_tensor_is_refused(exported, tmp_path):
@@ -256,7 +260,7 @@ def test_unexpected_tensor_is_refused(exported, tmp_path):
     weights["base_model.model.lm_head.weight"] = np.zeros((VOCAB, config.hidden_size), np.float32)
     safetensors.numpy.save_file(weights, broken / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="unexpected tensors.*lm_head"):
-        adapters.load_peft_adapter(broken, _template(config, QV), base_config=config)
+        adapter_load.load_peft_adapter(broken, _template(config, QV), base_config=config)
 
 
 def test_mis_shaped_tensor_is_named(exported, tmp_path):
@@ -268,7 +272,7 @@ def test_mis_shaped_tensor_is_named(exported, tmp_path):
     safetensors.numpy.save_file(weights, broken / "adapter_model.safetensors")
     escaped = re.escape(name)
     with pytest.raises(ValueError, match=rf"'{escaped}' has shape \(32, 4\), expected \(4, 32\)"):
-        adapters.load_peft_adapter(broken, _template(config, QV), base_config=config)
+        adapter_load.load_peft_adapter(broken, _template(config, QV), base_config=config)
 
 
 @pytest.mark.parametrize(
@@ -283,10 +287,10 @@ def test_adapter_of_another_base_is_refused_with_both_fingerprints(exported, cha
     directory, config = exported
     other = dataclasses.replace(config, **change)
     with pytest.raises(ValueError) as error:
-        adapters.load_peft_adapter(directory, _template(other, QV), base_config=other)
+        adapter_load.load_peft_adapter(directory, _template(other, QV), base_config=other)
     message = str(error.value)
-    assert adapters.base_fingerprint(config) in message
-    assert adapters.base_fingerprint(other) in message
+    assert adapter_format.base_fingerprint(config) in message
+    assert adapter_format.base_fingerprint(other) in message
     assert f"{field}: adapter {getattr(config, field)!r} vs base {getattr(other, field)!r}" in message
     assert BASE_NAME in message
 
@@ -299,18 +303,18 @@ def test_another_base_without_metadata_fails_on_tensors(exported, tmp_path):
     deeper = dataclasses.replace(config, num_hidden_layers=3, layer_types=("full_attention",) * 3)
     missing = "base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight"
     with pytest.raises(ValueError, match=f"missing tensor '{missing}'"):
-        adapters.load_peft_adapter(bare, _template(deeper, QV), base_config=deeper)
+        adapter_load.load_peft_adapter(bare, _template(deeper, QV), base_config=deeper)
     shallower = dataclasses.replace(config, num_hidden_layers=1, layer_types=("full_attention",))
     with pytest.raises(ValueError, match="unexpected tensors.*layers.1"):
-        adapters.load_peft_adapter(bare, _template(shallower, QV), base_config=shallower)
+        adapter_load.load_peft_adapter(bare, _template(shallower, QV), base_config=shallower)
 
 
 def test_wrong_rank_or_targets_in_template(exported):
     directory, config = exported
     with pytest.raises(ValueError, match=r"rank r=4 but the template's .* has rank 8"):
-        adapters.load_peft_adapter(directory, _template(config, QV, rank=8), base_config=config)
+        adapter_load.load_peft_adapter(directory, _template(config, QV, rank=8), base_config=config)
     with pytest.raises(ValueError, match=r"targets \('q', 'v'\) but the template has \('q', 'k', 'v'"):
-        adapters.load_peft_adapter(directory, _template(config, ALL), base_config=config)
+        adapter_load.load_peft_adapter(directory, _template(config, ALL), base_config=config)
 
 
 @pytest.mark.parametrize(
@@ -331,11 +335,11 @@ def test_adapter_configs_moraljax_cannot_run_are_refused(exported, tmp_path, fie
     adapter_config[field] = value
     (broken / "adapter_config.json").write_text(json.dumps(adapter_config))
     with pytest.raises(ValueError, match=message):
-        adapters.load_peft_adapter(broken, _template(config, QV), base_config=config)
+        adapter_load.load_peft_adapter(broken, _template(config, QV), base_config=config)
 
 
 def test_all_linear_means_all_seven_targets():
-    lora = adapters.lora_config_from_peft(
+    lora = adapter_load.lora_config_from_peft(
         dict(peft_type="LORA", task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules="all-linear")
     )
     assert lora == lora_lib.LoraConfig(rank=8, alpha=16.0, dropout=0.0, targets=ALL)
@@ -345,17 +349,17 @@ def test_export_checks_the_state(exported, base_dir, tmp_path):
     _, config = exported
     trainable = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _template(config, QV))
     with pytest.raises(ValueError, match=r"lora.targets \('q', 'k', 'v'.*do not match .* \('q', 'v'\)"):
-        adapters.export_peft_adapter(trainable, _lora(ALL), tmp_path / "a", base_model_name_or_path=BASE_NAME)
+        adapter_export.export_peft_adapter(trainable, _lora(ALL), tmp_path / "a", base_model_name_or_path=BASE_NAME)
     with pytest.raises(ValueError, match="R = lora.rank = 8"):
-        adapters.export_peft_adapter(
+        adapter_export.export_peft_adapter(
             trainable, lora_lib.LoraConfig(rank=8, targets=QV), tmp_path / "b", base_model_name_or_path=BASE_NAME
         )
     learners = jax.tree.map(lambda x: jnp.stack([x, x]), trainable)
     with pytest.raises(ValueError, match="select one learner first"):
-        adapters.export_peft_adapter(learners, _lora(QV), tmp_path / "c", base_model_name_or_path=BASE_NAME)
+        adapter_export.export_peft_adapter(learners, _lora(QV), tmp_path / "c", base_model_name_or_path=BASE_NAME)
     wider = dataclasses.replace(config, hidden_size=48)
     with pytest.raises(ValueError, match=r"needs \(2, 48, 4\)"):
-        adapters.export_peft_adapter(
+        adapter_export.export_peft_adapter(
             trainable, _lora(QV), tmp_path / "d", base_model_name_or_path=BASE_NAME, base_config=wider
         )
 
@@ -369,7 +373,7 @@ def test_export_without_base_config_or_value_head_round_trips(exported, base_dir
     metadata = json.loads((directory / "moraljax_adapter.json").read_text())
     assert metadata["base_fingerprint"] is None and metadata["value_head"] is False
     template = _template(config, QV)
-    loaded, _ = adapters.load_peft_adapter(directory, template, base_config=config, value_head=False)
+    loaded, _ = adapter_load.load_peft_adapter(directory, template, base_config=config, value_head=False)
     expected, got = _flat_arrays(trainable, only="model"), _flat_arrays(loaded, only="model")
     assert expected.keys() == got.keys()
     for path in expected:
@@ -378,25 +382,25 @@ def test_export_without_base_config_or_value_head_round_trips(exported, base_dir
 
 def test_fingerprint_depends_on_architecture_only():
     config = decoder.DecoderConfig.gemma2_2b()
-    assert adapters.base_fingerprint(config) == adapters.base_fingerprint(decoder.DecoderConfig.gemma2_2b())
+    assert adapter_format.base_fingerprint(config) == adapter_format.base_fingerprint(decoder.DecoderConfig.gemma2_2b())
     same_architecture = dataclasses.replace(config, eos_token_id=(1, 107))
-    assert adapters.base_fingerprint(same_architecture) == adapters.base_fingerprint(config)
+    assert adapter_format.base_fingerprint(same_architecture) == adapter_format.base_fingerprint(config)
     integer_spelling = dataclasses.replace(config, attn_logit_softcapping=50, rope_theta=10000)
-    assert adapters.base_fingerprint(integer_spelling) == adapters.base_fingerprint(config)
+    assert adapter_format.base_fingerprint(integer_spelling) == adapter_format.base_fingerprint(config)
     softcap = dataclasses.replace(config, attn_logit_softcapping=None)
-    assert adapters.base_fingerprint(softcap) != adapters.base_fingerprint(config)
+    assert adapter_format.base_fingerprint(softcap) != adapter_format.base_fingerprint(config)
     # Each family field counts once it leaves Gemma 2's value.
     for field, value in [("qk_norm", True), ("qkv_bias", True), ("norm_offset", 0.0), ("post_norms", False),
                          ("tie_word_embeddings", False), ("hidden_activation", "silu"), ("sliding_rope_theta", 1e6)]:
         changed = dataclasses.replace(config, **{field: value})
-        assert adapters.base_fingerprint(changed) != adapters.base_fingerprint(config), field
-        assert adapters.base_architecture(changed)[field] == value
-        assert field not in adapters.base_architecture(config)
+        assert adapter_format.base_fingerprint(changed) != adapter_format.base_fingerprint(config), field
+        assert adapter_format.base_architecture(changed)[field] == value
+        assert field not in adapter_format.base_architecture(config)
 
 
 def test_gemma2_fingerprints_are_those_adapters_were_exported_with_before_the_families():
     # The built-in model's fingerprint as recorded in adapters exported by the
     # Gemma-2-only moraljax (before DecoderConfig had the family fields).
     config = checkpoints.read_config(tiny.CHECKPOINT_DIR)
-    assert adapters.base_fingerprint(config) == "sha256:3b09e77732b62ad7"
-    assert sorted(adapters.base_architecture(config)) == sorted(adapters.ARCHITECTURE_FIELDS)
+    assert adapter_format.base_fingerprint(config) == "sha256:3b09e77732b62ad7"
+    assert sorted(adapter_format.base_architecture(config)) == sorted(adapter_format.ARCHITECTURE_FIELDS)

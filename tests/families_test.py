@@ -46,7 +46,8 @@ from moraljax import prompt_tables
 from moraljax import prompts
 from moraljax import run_setup
 from moraljax import train
-from moraljax.llm import adapters
+from moraljax.llm import adapter_export
+from moraljax.llm import adapter_load
 from moraljax.llm import checkpoints
 from moraljax.llm import decoder
 from moraljax.llm import decoder_config
@@ -277,7 +278,7 @@ def test_lora_logits_match_peft_and_the_exported_adapter_reloads_exactly(family_
     policy, config = checkpoints.load_hf_model(directory, lora=lora, key=jax.random.key(1))
     policy = _with_random_adapters(policy, 2)
     trainable = policy_lib.split_policy(policy)[1]
-    adapters.export_peft_adapter(
+    adapter_export.export_peft_adapter(
         trainable, lora, tmp_path / "adapter", base_model_name_or_path=str(directory), base_config=config
     )
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -294,7 +295,7 @@ def test_lora_logits_match_peft_and_the_exported_adapter_reloads_exactly(family_
     print(f"{family}: max |LoRA logit difference| vs PEFT {diff:.2e}")
     assert diff < 1e-4
 
-    loaded, loaded_lora = adapters.load_peft_adapter(tmp_path / "adapter", trainable, base_config=config)
+    loaded, loaded_lora = adapter_load.load_peft_adapter(tmp_path / "adapter", trainable, base_config=config)
     assert loaded_lora == lora
     for (path, want), (_, got) in zip(nnx.to_flat_state(trainable), nnx.to_flat_state(loaded), strict=True):
         np.testing.assert_array_equal(np.asarray(got[...]), np.asarray(want[...]), err_msg=str(path))
@@ -304,13 +305,13 @@ def test_an_adapter_for_another_family_is_refused_naming_both_bases(family_dirs,
     lora = lora_lib.LoraConfig(rank=2, alpha=4.0, dropout=0.0)
     qwen_dir, llama_dir = family_dirs["qwen3"][0], family_dirs["llama"][0]
     qwen, qwen_config = checkpoints.load_hf_model(qwen_dir, lora=lora, key=jax.random.key(0))
-    adapters.export_peft_adapter(
+    adapter_export.export_peft_adapter(
         policy_lib.split_policy(qwen)[1], lora, tmp_path / "qwen_adapter", base_model_name_or_path="my-qwen3",
         base_config=qwen_config,
     )
     llama, llama_config = checkpoints.load_hf_model(llama_dir, lora=lora, key=jax.random.key(0))
     with pytest.raises(ValueError) as info:
-        adapters.load_peft_adapter(
+        adapter_load.load_peft_adapter(
             tmp_path / "qwen_adapter", policy_lib.split_policy(llama)[1], base_config=llama_config,
             base_model_name_or_path="my-llama",
         )

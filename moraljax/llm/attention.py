@@ -8,9 +8,11 @@ Pure functions of arrays, shared by every model family (``decoder.py``):
 - grouped-query softmax attention with an optional tanh cap on its logits
   (Gemma 2) and a hand-written backward pass (``attention``).
 
-Axis legend:
-  B batch, T query length, S key length, K kv heads, G query heads per kv
-  head, H head dim.
+Axis legend (docs/ARCHITECTURE.md, "Axis letters"):
+  B rows of one model call, T query tokens (this call's), S key/value
+  positions, H head dim. Heads are written out: ``kv_heads`` key/value heads,
+  each shared by ``group_size`` query heads (q_heads = kv_heads * group_size;
+  query head kv * group_size + g reads kv head kv).
 """
 
 import functools
@@ -119,46 +121,48 @@ def _batched_dot(lhs: jax.Array, rhs: jax.Array, lhs_contract: int, rhs_contract
 def _attention_rows(queries, keys, values, allowed):
     """Regroups the operands so that every matmul is a batched 2-D matmul.
 
-    [B, T, K, G, H] queries -> [B*K, T*G, H] (row t * G + g); [B, S, K, H]
-    keys and values -> [B*K, S, H]; bool [B, T, S] -> [B*K, T*G, S]. The
+    [B, T, kv_heads, group_size, H] queries -> [B*kv_heads, T*group_size, H]
+    (row t * group_size + g); [B, S, kv_heads, H] keys and values ->
+    [B*kv_heads, S, H]; bool [B, T, S] -> [B*kv_heads, T*group_size, S]. The
     queries of one kv head become the rows of one matrix, so logits and
-    probabilities are [B*K, T*G, S] arrays whose last (contiguous) axis is the
-    softmax axis. With one kv head every regrouping is a free reshape.
+    probabilities are [B*kv_heads, T*group_size, S] arrays whose last
+    (contiguous) axis is the softmax axis. With one kv head every regrouping
+    is a free reshape.
     """
-    batch, length, kv_heads, groups, head_dim = queries.shape
+    batch, length, kv_heads, group_size, head_dim = queries.shape
     capacity = keys.shape[1]
     rows = batch * kv_heads
-    q = jnp.swapaxes(queries, 1, 2).reshape(rows, length * groups, head_dim)
+    q = jnp.swapaxes(queries, 1, 2).reshape(rows, length * group_size, head_dim)
     k = jnp.swapaxes(keys, 1, 2).reshape(rows, capacity, head_dim)
     v = jnp.swapaxes(values, 1, 2).reshape(rows, capacity, head_dim)
-    return q, k, v, _row_mask(allowed, kv_heads, groups)
+    return q, k, v, _row_mask(allowed, kv_heads, group_size)
 
 
-def _row_mask(allowed: jax.Array, kv_heads: int, groups: int) -> jax.Array:
-    """bool [B, T, S] -> [B*K, T*G, S], the layout of ``_attention_rows``."""
+def _row_mask(allowed: jax.Array, kv_heads: int, group_size: int) -> jax.Array:
+    """bool [B, T, S] -> [B*kv_heads, T*group_size, S], the layout of ``_attention_rows``."""
     batch, length, capacity = allowed.shape
-    mask = jnp.broadcast_to(allowed[:, None, :, None, :], (batch, kv_heads, length, groups, capacity))
-    return mask.reshape(batch * kv_heads, length * groups, capacity)
+    mask = jnp.broadcast_to(allowed[:, None, :, None, :], (batch, kv_heads, length, group_size, capacity))
+    return mask.reshape(batch * kv_heads, length * group_size, capacity)
 
 
-def _from_rows(rows: jax.Array, batch: int, kv_heads: int, groups: int) -> jax.Array:
-    """[B*K, T*G, H] -> [B, T, K, G, H] (inverse of the query regrouping)."""
-    return jnp.swapaxes(rows.reshape(batch, kv_heads, -1, groups, rows.shape[-1]), 1, 2)
+def _from_rows(rows: jax.Array, batch: int, kv_heads: int, group_size: int) -> jax.Array:
+    """[B*kv_heads, T*group_size, H] -> [B, T, kv_heads, group_size, H] (inverse of the query regrouping)."""
+    return jnp.swapaxes(rows.reshape(batch, kv_heads, -1, group_size, rows.shape[-1]), 1, 2)
 
 
 def _attention_forward(queries, keys, values, allowed, query_scale, logit_cap):
     """Forward pass of ``attention``; also returns what the backward pass needs."""
-    batch, length, kv_heads, groups, head_dim = queries.shape
+    batch, length, kv_heads, group_size, head_dim = queries.shape
     q, k, v, mask = _attention_rows(queries, keys, values, allowed)
-    scaled = _batched_dot(q, k, 2, 2) * query_scale  # [B*K, T*G, S]
+    scaled = _batched_dot(q, k, 2, 2) * query_scale  # [B*kv_heads, T*group_size, S]
     tanh = None if logit_cap is None else jnp.tanh(scaled / logit_cap)
     capped = scaled if tanh is None else logit_cap * tanh
     # A finite floor (not -inf) keeps fully masked rows (padding queries)
     # finite: they become uniform and are never read.
     logits = jnp.where(mask, capped, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = _batched_dot(probs.astype(values.dtype), v, 2, 1)  # [B*K, T*G, H] float32
-    result = _from_rows(out, batch, kv_heads, groups)
+    out = _batched_dot(probs.astype(values.dtype), v, 2, 1)  # [B*kv_heads, T*group_size, H] float32
+    result = _from_rows(out, batch, kv_heads, group_size)
     return result.astype(values.dtype), (q, k, v, allowed, probs, tanh, out)
 
 
@@ -179,8 +183,8 @@ def attention(
     The backward pass is written out (FlashAttention's identities, Dao et
     al. 2022) instead of derived by autodiff:
 
-        dp = dout v^T,  D = rowsum(dout * out) = rowsum(dp * p),
-        dc = p * (dp - D),  dz = dc * (1 - tanh^2) * query_scale on allowed
+        dp = dout v^T,  row_dot = rowsum(dout * out) = rowsum(dp * p),
+        dc = p * (dp - row_dot),  dz = dc * (1 - tanh^2) * query_scale on allowed
         keys (0 elsewhere),  dq = dz k,  dk = dz^T q,  dv = p^T dout.
 
     It gives the same gradients up to float rounding but runs several times
@@ -189,34 +193,35 @@ def attention(
     more than the matmuls.
 
     Args:
-        queries: [B, T, K, G, H] rotated queries (query head n = k * G + g).
-        keys: [B, S, K, H] rotated keys.
-        values: [B, S, K, H].
+        queries: [B, T, kv_heads, group_size, H] rotated queries (query head
+            kv * group_size + g at [:, :, kv, g]).
+        keys: [B, S, kv_heads, H] rotated keys.
+        values: [B, S, kv_heads, H].
         allowed: bool [B, T, S], which keys each query may see.
         query_scale: static factor on q . k (``DecoderConfig.query_scale``).
         logit_cap: static softcap of the attention logits, or None.
 
     Returns:
-        [B, T, K, G, H] in the dtype of ``values``.
+        [B, T, kv_heads, group_size, H] in the dtype of ``values``.
     """
     return _attention_forward(queries, keys, values, allowed, query_scale, logit_cap)[0]
 
 
 def _attention_bwd(query_scale, logit_cap, saved, d_result):
     q, k, v, allowed, probs, tanh, out = saved
-    batch, length, kv_heads, groups, head_dim = d_result.shape
+    batch, length, kv_heads, group_size, head_dim = d_result.shape
     value_dtype = v.dtype
     d_out = jnp.swapaxes(d_result, 1, 2).reshape(out.shape).astype(jnp.float32)
-    mask = _row_mask(allowed, kv_heads, groups)
-    row_dot = jnp.sum(d_out * out, axis=-1, keepdims=True)  # D, [B*K, T*G, 1]
-    d_probs = _batched_dot(d_out.astype(value_dtype), v, 2, 2)  # [B*K, T*G, S]
+    mask = _row_mask(allowed, kv_heads, group_size)
+    row_dot = jnp.sum(d_out * out, axis=-1, keepdims=True)  # [B*kv_heads, T*group_size, 1]
+    d_probs = _batched_dot(d_out.astype(value_dtype), v, 2, 2)  # [B*kv_heads, T*group_size, S]
     d_capped = probs * (d_probs - row_dot)
     d_scaled = d_capped if tanh is None else d_capped * (1.0 - tanh * tanh)
     d_z = jnp.where(mask, d_scaled, 0.0) * query_scale
-    d_q = _batched_dot(d_z, k.astype(jnp.float32), 2, 1)  # [B*K, T*G, H]
-    d_k = _batched_dot(d_z, q.astype(jnp.float32), 1, 1)  # [B*K, S, H]
-    d_v = _batched_dot(probs.astype(value_dtype), d_out.astype(value_dtype), 1, 1)  # [B*K, S, H]
-    d_queries = _from_rows(d_q, batch, kv_heads, groups)
+    d_q = _batched_dot(d_z, k.astype(jnp.float32), 2, 1)  # [B*kv_heads, T*group_size, H]
+    d_k = _batched_dot(d_z, q.astype(jnp.float32), 1, 1)  # [B*kv_heads, S, H]
+    d_v = _batched_dot(probs.astype(value_dtype), d_out.astype(value_dtype), 1, 1)  # [B*kv_heads, S, H]
+    d_queries = _from_rows(d_q, batch, kv_heads, group_size)
     d_keys = jnp.swapaxes(d_k.reshape(batch, kv_heads, -1, head_dim), 1, 2)
     d_values = jnp.swapaxes(d_v.reshape(batch, kv_heads, -1, head_dim), 1, 2)
     return d_queries.astype(q.dtype), d_keys.astype(k.dtype), d_values.astype(value_dtype), None

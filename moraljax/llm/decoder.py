@@ -20,7 +20,8 @@ of their differences apply (``decoder_config.py`` has the table):
   with RMSNorm(x) = x / sqrt(mean(x^2) + eps) * (offset + w) in float32,
   attention logits cap(q.k * query_pre_attn_scalar^-1/2), cap_c(z) =
   c tanh(z / c) or the identity, act = gelu_tanh or silu, and grouped-query
-  attention (K kv heads shared by N/K query heads each).
+  attention (each of the kv_heads key/value heads serves group_size query
+  heads).
 
 Dtype policy: the frozen parameters are bfloat16 or float32 (``param_dtype``)
 and set the compute dtype of the residual stream and matmuls; norms,
@@ -43,11 +44,12 @@ rotary tables are computed once per call; callers that read only the last
 few hidden states (prefill, scoring) skip the rest of the last layer
 (``num_outputs``). Each of these is exact up to float rounding.
 
-Axis legend:
-  B batch, T query length (tokens in this call), S key length (cache
-  capacity, or T without a cache), N query heads, K kv heads, G query heads
-  per kv head (N / K), H head dim, D model dim, F mlp dim, V vocab, L layers,
-  R LoRA rank.
+Axis legend (docs/ARCHITECTURE.md, "Axis letters"):
+  B rows of one model call, T tokens of this call (the queries), S key/value
+  positions (cache capacity, or T without a cache), H head dim, D model
+  width, F MLP width, V vocabulary, L layers, R LoRA rank. Heads are written
+  out: ``q_heads`` query heads, ``kv_heads`` key/value heads, ``group_size``
+  query heads per key/value head (q_heads / kv_heads).
 """
 
 import functools
@@ -160,8 +162,8 @@ class KVCache:
     paper's sequences (~220 tokens) are far shorter than the windows.
 
     Attributes:
-        keys: [B, L, S, K, H] compute dtype, rotary-embedded keys by slot.
-        values: [B, L, S, K, H] compute dtype.
+        keys: [B, L, S, kv_heads, H] compute dtype, rotary-embedded keys by slot.
+        values: [B, L, S, kv_heads, H] compute dtype.
         key_mask: bool [B, S], whether a slot holds a real (non-pad) token.
         end_index: int32 [B], slots written so far (the next write slot).
             Equal across rows in normal use; kept per row so gathers work.
@@ -240,18 +242,19 @@ class Attention(nnx.Module):
         param_dtype: jnp.dtype,
         stack: tuple[int, ...],
     ):
-        d, n, k, h = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        d, h = config.hidden_size, config.head_dim
+        q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         common = dict(lora=lora, param_dtype=param_dtype, stack=stack)
-        self.q_proj = lora_lib.LoRALinear(d, n * h, target="q", use_bias=config.qkv_bias, **common)
-        self.k_proj = lora_lib.LoRALinear(d, k * h, target="k", use_bias=config.qkv_bias, **common)
-        self.v_proj = lora_lib.LoRALinear(d, k * h, target="v", use_bias=config.qkv_bias, **common)
-        self.o_proj = lora_lib.LoRALinear(n * h, d, target="o", **common)
+        self.q_proj = lora_lib.LoRALinear(d, q_heads * h, target="q", use_bias=config.qkv_bias, **common)
+        self.k_proj = lora_lib.LoRALinear(d, kv_heads * h, target="k", use_bias=config.qkv_bias, **common)
+        self.v_proj = lora_lib.LoRALinear(d, kv_heads * h, target="v", use_bias=config.qkv_bias, **common)
+        self.o_proj = lora_lib.LoRALinear(q_heads * h, d, target="o", **common)
         if config.qk_norm:
             norm = dict(eps=config.rms_norm_eps, offset=config.norm_offset, param_dtype=param_dtype, stack=stack)
             self.q_norm = RMSNorm(h, **norm)
             self.k_norm = RMSNorm(h, **norm)
         self.qk_norm = config.qk_norm
-        self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+        self.num_heads, self.num_kv_heads, self.head_dim = q_heads, kv_heads, h
         self.query_scale = config.query_scale
         self.logit_cap = config.attn_logit_softcapping
 
@@ -266,7 +269,7 @@ class Attention(nnx.Module):
     def project_kv(
         self, x: jax.Array, rotary: attention_lib.Rotary, *, lora_enabled: bool, dropout_key: jax.Array | None
     ) -> tuple[jax.Array, jax.Array]:
-        """Keys (normed if qk_norm, rotated by the new tokens' tables) and values: [B, T, K, H] each."""
+        """Keys (normed if qk_norm, rotated by the new tokens' tables) and values: [B, T, kv_heads, H] each."""
         batch, length, _ = x.shape
         keys = self.k_proj(x, lora_enabled=lora_enabled, dropout_key=dropout_key)
         values = self.v_proj(x, lora_enabled=lora_enabled, dropout_key=dropout_key)
@@ -290,8 +293,8 @@ class Attention(nnx.Module):
         Args:
             x: [B, T, D] normed input of the new tokens.
             rotary: the rotary tables of the new tokens' positions.
-            keys: [B, S, K, H] rotated keys (new tokens included).
-            values: [B, S, K, H].
+            keys: [B, S, kv_heads, H] rotated keys (new tokens included).
+            values: [B, S, kv_heads, H].
             allowed: bool [B, T, S], which keys each query may see.
             lora_enabled: static.
             dropout_key: per-layer key or None.
@@ -303,11 +306,11 @@ class Attention(nnx.Module):
             [B, T, D] compute dtype.
         """
         batch, length, _ = x.shape
-        groups = self.num_heads // self.num_kv_heads
+        group_size = self.num_heads // self.num_kv_heads
         lora_kwargs = dict(lora_enabled=lora_enabled, dropout_key=dropout_key, suffix_of=suffix_of)
         queries = self._heads(self.q_proj(x, **lora_kwargs), self.q_norm if self.qk_norm else None, rotary)
-        # Query head n = k * G + g uses kv head k (transformers' repeat_kv).
-        queries = queries.reshape(batch, length, self.num_kv_heads, groups, self.head_dim)
+        # Query head kv * group_size + g uses kv head kv (transformers' repeat_kv).
+        queries = queries.reshape(batch, length, self.num_kv_heads, group_size, self.head_dim)
         out = attention_lib.attention(queries, keys, values, allowed, self.query_scale, self.logit_cap)
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
         return self.o_proj(out, **lora_kwargs)

@@ -91,8 +91,9 @@ class DecoderConfig:
         hidden_size: D.
         intermediate_size: F, the MLP width.
         num_hidden_layers: L.
-        num_attention_heads: N.
-        num_key_value_heads: K (divides N; K < N is grouped-query attention).
+        num_attention_heads: q_heads, the query heads.
+        num_key_value_heads: kv_heads, the key/value heads (divides q_heads;
+            fewer kv_heads than q_heads is grouped-query attention).
         head_dim: H (even, for RoPE).
         layer_types: per layer "sliding_attention" or "full_attention".
         sliding_window: window (in tokens, the query included) of sliding

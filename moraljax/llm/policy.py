@@ -8,7 +8,7 @@ that share one frozen base; ``merge_policy`` puts them back together.
 ``init_policy`` builds a policy with a random base (tests, benchmarks);
 ``checkpoints.load_hf_model`` one with a checkpoint's base.
 
-Axis legend: B batch, T tokens, D model dim, V vocab.
+Axis legend: B rows of one model call, T tokens, D model width, V vocabulary.
 """
 
 from collections.abc import Callable

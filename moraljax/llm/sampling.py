@@ -17,8 +17,9 @@ Conventions shared with the PPO code (TRL 0.9 ``PPOTrainer``):
   ``score_responses`` with the same key drop the same entries, so a
   sampled answer's log-probs can be recomputed exactly.
 
-Axis legend: B batch, T prompt length, L generated/response length,
-D model dim, V vocab.
+Axis legend (docs/ARCHITECTURE.md, "Axis letters"): B rows of one model call,
+T prompt tokens, A answer tokens (generated or scored per row; gen_len), D
+model width, V vocabulary.
 """
 
 import chex
@@ -35,9 +36,9 @@ class GenerateOutput:
     """Result of ``generate``.
 
     Attributes:
-        tokens: int32 [B, L] sampled tokens.
-        logprobs: float32 [B, L] log p(token) under the temperature-1 policy.
-        values: float32 [B, L] value-head outputs (TRL convention, above).
+        tokens: int32 [B, A] sampled tokens.
+        logprobs: float32 [B, A] log p(token) under the temperature-1 policy.
+        values: float32 [B, A] value-head outputs (TRL convention, above).
     """
 
     tokens: jax.Array
@@ -50,9 +51,9 @@ class ScoreOutput:
     """Result of ``score_responses``.
 
     Attributes:
-        logprobs: float32 [B, L] log p(response token).
-        values: float32 [B, L] values at the positions predicting each token.
-        entropy: float32 [B, L] entropy of each predictive distribution.
+        logprobs: float32 [B, A] log p(response token).
+        values: float32 [B, A] values at the positions predicting each token.
+        entropy: float32 [B, A] entropy of each predictive distribution.
     """
 
     logprobs: jax.Array
@@ -220,12 +221,12 @@ def generate_from_cache(
             from one).
         last_hidden: float32 [B, D], hidden state of the prefix's last token.
         key: PRNG key.
-        gen_len: static number of tokens, >= 1.
+        gen_len: static A, the number of tokens, >= 1.
         temperature, top_k, top_p: sampling settings (paper: 1, 0, 1).
         lora_enabled: static.
 
     Returns:
-        ``GenerateOutput`` with [B, gen_len] arrays.
+        ``GenerateOutput`` with [B, A] arrays.
 
     Raises:
         ValueError: if ``gen_len`` < 1.
@@ -252,7 +253,7 @@ def generate_from_cache(
     )
     last_token, last_logprob, last_value = emit(hidden, gen_len - 1)
 
-    def with_last(stacked, last):  # [L-1, B] + [B] -> [B, L]
+    def with_last(stacked, last):  # [A-1, B] + [B] -> [B, A]
         return jnp.concatenate([stacked, last[None]], axis=0).T
 
     return GenerateOutput(
@@ -287,7 +288,7 @@ def generate(
         prompt_ids: int [B, T] left-padded prompts.
         prompt_mask: [B, T].
         key: PRNG key of the token draws.
-        gen_len: static number of tokens.
+        gen_len: static A, the number of tokens.
         temperature, top_k, top_p: sampling settings (paper: 1, 0, 1).
         lora_enabled: static.
         dropout_key: None for no dropout (the KV-cached path); otherwise
@@ -376,19 +377,19 @@ def score_responses(
     Differentiable; used by the PPO update, for the dropout-free old
     log-probs and values of sampled answers, and for the reference
     log-probs (``lora_enabled=False``). Logits are computed only at
-    the L positions that predict response tokens.
+    the A positions that predict response tokens.
 
     Args:
         policy: the policy.
         prompt_ids: int [B, T] left-padded prompts.
         prompt_mask: [B, T].
-        response_ids: int [B, L] (all real tokens).
+        response_ids: int [B, A] (all real tokens).
         lora_enabled: static.
         dropout_key: None for no dropout; otherwise split into a LoRA-dropout
             key and a value-head-dropout key.
 
     Returns:
-        ``ScoreOutput`` with [B, L] arrays.
+        ``ScoreOutput`` with [B, A] arrays.
     """
     chex.assert_rank([prompt_ids, prompt_mask, response_ids], 2)
     chex.assert_equal_shape([prompt_ids, prompt_mask])
