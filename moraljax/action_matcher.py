@@ -376,6 +376,41 @@ def _verify_concatenation(tokenizer, token_bytes: list[bytes],
 _CLEANUP_CHARACTERS = ".?!,'"
 
 
+def _token_classes(token_bytes: Sequence[bytes], candidates: np.ndarray, delta: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Token classes of equal transition columns, and each class's column over the byte DFA's states.
+
+    Every candidate token's bytes are run from every state at once; column
+    256 of the extended table is "no byte left" and keeps the state. Tokens
+    that are not candidates go to the dead state from every state; ids past
+    the vocabulary (decode skips them) keep the state.
+
+    Returns:
+        (token_class int32 [V + 1], classes [num classes, num states]).
+    """
+    num_states = delta.shape[0]
+    longest = max([len(token_bytes[token]) for token in candidates],
+                  default=0)
+    padded = np.full((len(candidates), longest), 256, np.int32)
+    for row, token in enumerate(candidates):
+        raw = token_bytes[token]
+        padded[row, :len(raw)] = np.frombuffer(raw, np.uint8)
+    states = np.arange(num_states, dtype=np.int32)
+    delta_extended = np.concatenate([delta, states[:, None]], axis=1)
+    reached = np.repeat(states[:, None], len(candidates), axis=1)
+    for position in range(longest):
+        reached = delta_extended[reached, padded[None, :, position]]
+
+    dead_column = np.full(num_states, DEAD_STATE, np.int32)
+    columns = np.concatenate([dead_column[None], states[None], reached.T])
+    classes, class_of = np.unique(columns, axis=0, return_inverse=True)
+    class_of = class_of.reshape(-1)
+    token_class = np.full(len(token_bytes) + 1, class_of[0], np.int32)
+    token_class[candidates] = class_of[2:]
+    token_class[len(token_bytes)] = class_of[1]
+    return token_class, classes
+
+
 def build_action_matcher(tokenizer, actions: Sequence[str], gen_len: int
                          ) -> ActionMatcher:
     """Compiles the host parsing rule into a token automaton.
@@ -416,43 +451,18 @@ def build_action_matcher(tokenizer, actions: Sequence[str], gen_len: int
     if getattr(tokenizer, "clean_up_tokenization_spaces", False):
         for action in actions:
             if any(char in action for char in _CLEANUP_CHARACTERS):
-                raise ValueError(
-                    f"actions must not contain any of {_CLEANUP_CHARACTERS!r} "
-                    f"when tokenizer.clean_up_tokenization_spaces is True, got "
-                    f"{action!r}; set clean_up_tokenization_spaces=False or "
-                    "choose other action strings")
+                validation.fail("actions", action, f"strings without any of {_CLEANUP_CHARACTERS!r} while the"
+                                " tokenizer's clean_up_tokenization_spaces is True (set it False, or choose"
+                                " other action strings)")
     token_bytes = decoded_token_bytes(tokenizer)
     delta, accept = _byte_dfa(actions)
-    num_states = delta.shape[0]
     alphabet = bytes(sorted(
         {byte for encoding in _whitespace_utf8() for byte in encoding}
         | {byte for action in actions for byte in action.encode("utf-8")}))
     candidates = _alphabet_filter(token_bytes, alphabet)
     _verify_concatenation(tokenizer, token_bytes, candidates,
                           max_length=max(gen_len, 3))
-
-    # Run every candidate token's bytes from every state at once; column 256
-    # of the extended table is "no byte left" and keeps the state.
-    longest = max([len(token_bytes[token]) for token in candidates],
-                  default=0)
-    padded = np.full((len(candidates), longest), 256, np.int32)
-    for row, token in enumerate(candidates):
-        raw = token_bytes[token]
-        padded[row, :len(raw)] = np.frombuffer(raw, np.uint8)
-    states = np.arange(num_states, dtype=np.int32)
-    delta_extended = np.concatenate([delta, states[:, None]], axis=1)
-    reached = np.repeat(states[:, None], len(candidates), axis=1)
-    for position in range(longest):
-        reached = delta_extended[reached, padded[None, :, position]]
-
-    dead_column = np.full(num_states, DEAD_STATE, np.int32)
-    columns = np.concatenate([dead_column[None], states[None], reached.T])
-    classes, class_of = np.unique(columns, axis=0, return_inverse=True)
-    class_of = class_of.reshape(-1)
-    token_class = np.full(len(token_bytes) + 1, class_of[0], np.int32)
-    token_class[candidates] = class_of[2:]
-    # Ids past the vocabulary: decode skips them, so they keep the state.
-    token_class[len(token_bytes)] = class_of[1]
+    token_class, classes = _token_classes(token_bytes, candidates, delta)
     return ActionMatcher(
         token_class=jnp.asarray(token_class),
         transitions=jnp.asarray(classes.T.astype(np.int32)),
