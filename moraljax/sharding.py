@@ -152,5 +152,16 @@ def weight_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:
 
 
 def put(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-    """device_put every leaf of a tree with one sharding."""
-    return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+    """Every leaf of a tree of host-known values (the same on every process) placed with one sharding.
+
+    Each process fills its own devices' shards from its copy. Unlike
+    `jax.device_put`, this does not compare the copies across processes,
+    which would refuse NaN entries (NaN != NaN), e.g. the "use O's last legal
+    move" marker of `rewards.RewardSpec.opponent_illegal_value`.
+    """
+
+    def place(x):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, tree)

@@ -39,7 +39,7 @@ from moraljax import distributed
 address, pid, workdir, checkpoints, out = sys.argv[1:]
 distributed.initialize(distributed.settings_from(address, 2, int(pid), timeout_s=120))
 import jax, numpy as np
-from moraljax import checkpointing, config_lib, train
+from moraljax import checkpointing, config_lib, run_setup, train
 config = config_lib.experiment_config("", reward="util")
 config.run.update(json.loads(%r))
 config.ppo.update(json.loads(%r))
@@ -47,8 +47,7 @@ cfg = config_lib.experiment_from_config_dict(config)
 train.train(cfg, workdir, progress=False, checkpoint_dir=checkpoints)
 train.train(cfg, workdir, progress=False, checkpoint_dir=checkpoints)
 run = run_setup.build_run(cfg)
-run.start_fresh()
-learners, meta = checkpointing.Checkpointer(checkpoints).restore(2, run.real_learners())
+learners, meta = checkpointing.Checkpointer(checkpoints).restore(2, run.learner_template())
 leaves = jax.tree.leaves(run_setup.to_host(learners))
 if distributed.is_writer():
     np.savez(out, *leaves)
@@ -116,8 +115,7 @@ def test_two_processes_equal_one_process(tmp_path, assert_close_to_scale):
         reference = tmp_path / "reference"
         train.train(cfg, reference, progress=False, devices=devices)
         run = run_setup.build_run(cfg, devices=devices)
-        run.start_fresh()
-        learners, _ = checkpointing.Checkpointer(reference / "checkpoints").restore(2, run.real_learners())
+        learners, _ = checkpointing.Checkpointer(reference / "checkpoints").restore(2, run.learner_template())
         expected_leaves = jax.tree.leaves(run_setup.to_host(learners))
     finally:
         outputs = finish(workers, timeout=240)

@@ -160,9 +160,8 @@ def test_nonfinite_training_stops_before_saving_anything_from_it(tmp_path):
     assert checkpoint_steps(tmp_path) == [2]  # The last good one; the diverged chunk saved nothing.
     cfg = experiment(config)
     run = run_setup.build_run(cfg)
-    run.start_fresh()
     checkpointer = checkpointing.Checkpointer(tmp_path / "checkpoints")
-    state, _ = checkpointer.restore(2, run.real_learners())
+    state, _ = checkpointer.restore(2, run.learner_template())
     checkpointer.close()
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state) if leaf.dtype.kind == "f")
     assert not (tmp_path / "adapters").exists() and not (tmp_path / "summary.json").exists()
@@ -336,19 +335,19 @@ def test_atomic_write_replaces_whole_and_keeps_the_mode(tmp_path):
 # Runs the launcher with a hook that sends this process a signal at one point.
 SIGNALLER = """
 import os, signal, sys
-from moraljax import checkpointing, launch, train
+from moraljax import checkpointing, launch, run_setup
 
 where, number = sys.argv[1], getattr(signal, sys.argv[2])
 sys.argv = [sys.argv[0]] + sys.argv[3:]
-advance, save = run_setup.Run.run_chunk, checkpointing.Checkpointer.save
+run_chunk, save = run_setup.Run.run_chunk, checkpointing.Checkpointer.save
 calls = []
 
-def signalling_advance(self, count):
+def signalling_run_chunk(self, count):
     calls.append(count)
     # "compile": before the first chunk is compiled; "chunk": while the first runs.
     if where == "compile" and len(calls) == 1:
         os.kill(os.getpid(), number)
-    result = advance(self, count)
+    result = run_chunk(self, count)
     if where == "chunk" and len(calls) == 1:
         os.kill(os.getpid(), number)
     return result
@@ -358,7 +357,7 @@ def signalling_save(self, step, state, meta):
         os.kill(os.getpid(), number)
     return save(self, step, state, meta)
 
-run_setup.Run.run_chunk, checkpointing.Checkpointer.save = signalling_advance, signalling_save
+run_setup.Run.run_chunk, checkpointing.Checkpointer.save = signalling_run_chunk, signalling_save
 launch.run()
 """
 

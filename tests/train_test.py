@@ -124,12 +124,11 @@ def test_resumed_run_equals_uninterrupted(tmp_path, dropout):
     from moraljax import checkpointing
 
     run = run_setup.build_run(cfg)
-    run.start_fresh()
     states = []
     for name in ("straight", "resumed"):
         checkpointer = checkpointing.Checkpointer(tmp_path / name / "checkpoints")
         assert checkpointer.latest_step() == 6
-        states.append(checkpointer.restore(6, run.real_learners())[0])
+        states.append(checkpointer.restore(6, run.learner_template())[0])
         checkpointer.close()
     jax.tree.map(np.testing.assert_array_equal, *states)
 

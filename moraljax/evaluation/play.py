@@ -207,12 +207,7 @@ def play_protocol(
             tokens=outcome.answers.tokens.astype(jnp.int32),
             action=outcome.answers.action.astype(jnp.int32),
             opponent_action=a_o,
-            prev_m=outcome.prev_m,
-            prev_o=outcome.prev_o,
-            named_rewards=outcome.named_rewards,
-            regret_deont=outcome.regret_deont,
-            regret_util=outcome.regret_util,
-            action_type=outcome.action_type,
+            **outcome.recorded(),
         )
         return next_state, record
 

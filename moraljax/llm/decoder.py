@@ -503,7 +503,7 @@ class Decoder(nnx.Module):
             raise ValueError(f"param_dtype={str(param_dtype)!r} is not allowed; expected float32 or bfloat16.")
         self.config = config
         # Static: how each layer is rematerialised (REMAT_POLICIES); set by the
-        # caller that trains (run_setup.build_run), "none" otherwise.
+        # caller that trains (run_setup.load_model), "none" otherwise.
         self.remat = "none"
         self.embed_tokens = Embedder(config.vocab_size, config.hidden_size, param_dtype=param_dtype)
         self.layers = DecoderLayers(config, lora=lora, param_dtype=param_dtype)

@@ -82,6 +82,11 @@ class Outcome:
     regret_util: jax.Array
     action_type: jax.Array
 
+    def recorded(self) -> dict:
+        """What both training and evaluation record of the decision besides the answer and O's move."""
+        return dict(prev_m=self.prev_m, prev_o=self.prev_o, named_rewards=self.named_rewards,
+                    regret_deont=self.regret_deont, regret_util=self.regret_util, action_type=self.action_type)
+
 
 # sample(prompt_index [N]) -> the players' sampled answers [N, A].
 SampleFn = Callable[[jax.Array], sampling.GenerateOutput]

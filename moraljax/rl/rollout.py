@@ -470,13 +470,8 @@ def _learner_decision(
         partner=jnp.where(pairs.has_partner, pairs.partner, -1),
         opponent_action=outcome.opponent_action,
         opponent_legal=outcome.opponent_legal,
-        prev_m=outcome.prev_m,
-        prev_o=outcome.prev_o,
         reward=outcome.reward,
-        named_rewards=outcome.named_rewards,
-        regret_deont=outcome.regret_deont,
-        regret_util=outcome.regret_util,
-        action_type=outcome.action_type,
+        **outcome.recorded(),
     )
     return next_state, record
 
