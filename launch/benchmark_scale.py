@@ -66,7 +66,7 @@ from moraljax.llm import families
 from moraljax.llm import lora as lora_lib
 from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
-from moraljax.rl import ppo
+from moraljax.rl import ppo_settings
 from moraljax.rl import reference as reference_lib
 from moraljax.rl import rollout
 
@@ -177,7 +177,7 @@ def build_workload(config: decoder_lib.DecoderConfig, *, remat: str, prompt_len:
         policy = nnx.eval_shape(make)
     policy.model.remat = decoder_lib.remat_for(remat, config.num_hidden_layers)
     graphdef, trainable, frozen = policy_lib.split_policy(policy)
-    ppo_config = ppo.PPOConfig()
+    ppo_config = ppo_settings.PPOConfig()
     seeds = [(seed, 0) for seed in range(1, num_learners + 1)]
     init = functools.partial(chunk_lib.init_learners, jax.eval_shape(lambda: trainable), seeds, ppo_config)
     learners = init() if concrete else jax.eval_shape(init)

@@ -37,6 +37,9 @@ from moraljax.llm import policy as policy_lib
 from moraljax.llm import sampling
 from moraljax.output import names as metric_names
 from moraljax.rl import ppo
+from moraljax.rl import ppo_advantages
+from moraljax.rl import ppo_loss
+from moraljax.rl import ppo_settings
 from moraljax.rl import reference as reference_lib
 from moraljax.rl import rollout
 
@@ -65,8 +68,8 @@ class LearnerState:
 
     trainable: Any
     opt_state: Any
-    moments: ppo.RunningMoments
-    kl: ppo.KLController
+    moments: ppo_advantages.RunningMoments
+    kl: ppo_advantages.KLController
     episode: jax.Array
     key: jax.Array
     last_move: Any = None
@@ -79,7 +82,7 @@ class ChunkSettings:
     batch_size: int
     num_episodes: int
     sampling: rollout.SamplingSettings
-    ppo: ppo.PPOConfig
+    ppo: ppo_settings.PPOConfig
     # Whether the policy has any dropout to apply when the update asks for
     # it (ppo.dropout_in_update; TRL's update runs without).
     stochastic: bool
@@ -91,7 +94,7 @@ class ChunkSettings:
     selection_candidates: int = 0
 
 
-def _fresh_learner(trainable_template: nnx.State, ppo_config: ppo.PPOConfig, seed: jax.Array,
+def _fresh_learner(trainable_template: nnx.State, ppo_config: ppo_settings.PPOConfig, seed: jax.Array,
                    player: jax.Array) -> LearnerState:
     """One fresh learner (unbatched): see `init_learners`."""
     key = jax.random.PRNGKey(seed)
@@ -100,16 +103,17 @@ def _fresh_learner(trainable_template: nnx.State, ppo_config: ppo.PPOConfig, see
     trainable = lora_lib.init_trainable(trainable_template, key_init)
     return LearnerState(
         trainable=trainable,
-        opt_state=ppo.make_optimizer(ppo_config).init(trainable),
-        moments=ppo.init_running_moments(),
-        kl=ppo.init_kl_controller(ppo_config),
+        opt_state=ppo_settings.make_optimizer(ppo_config).init(trainable),
+        moments=ppo_advantages.init_running_moments(),
+        kl=ppo_advantages.init_kl_controller(ppo_config),
         episode=jnp.zeros((), jnp.int32),
         key=key_run,
     )
 
 
-def init_learners(trainable_template: nnx.State, seed_players: list[tuple[int, int]], ppo_config: ppo.PPOConfig,
-                  sharding: jax.sharding.Sharding | None = None, *, selecting: bool = False) -> LearnerState:
+def init_learners(trainable_template: nnx.State, seed_players: list[tuple[int, int]],
+                  ppo_config: ppo_settings.PPOConfig, sharding: jax.sharding.Sharding | None = None, *,
+                  selecting: bool = False) -> LearnerState:
     """Fresh learners, one per (seed, player): [N] leading axis on every leaf, created on `sharding`.
 
     Seed s gets PRNGKey(s) (the second player of an LLM pair, or member m of
@@ -135,7 +139,7 @@ def init_learners(trainable_template: nnx.State, seed_players: list[tuple[int, i
     return jax.jit(fresh, out_shardings=sharding)(seeds, players)
 
 
-def learner_template(trainable_template: nnx.State, count: int, ppo_config: ppo.PPOConfig,
+def learner_template(trainable_template: nnx.State, count: int, ppo_config: ppo_settings.PPOConfig,
                      sharding: jax.sharding.Sharding, *, selecting: bool = False) -> LearnerState:
     """The abstract state of `count` learners on `sharding` (what checkpoints restore into)."""
     abstract = jax.eval_shape(lambda: init_learners(trainable_template, [(0, 0)] * count, ppo_config,
@@ -173,10 +177,10 @@ def update_learner(
         return out.logprobs, out.values, {"entropy": jnp.mean(out.entropy)}
 
     result = ppo.ppo_step(
-        ppo.make_loss_fn(forward, settings.ppo),
+        ppo_loss.make_loss_fn(forward, settings.ppo),
         learner.trainable,
         learner.opt_state,
-        ppo.make_optimizer(settings.ppo),
+        ppo_settings.make_optimizer(settings.ppo),
         learner.moments,
         learner.kl,
         {"prompt_row": batch["prompt_row"], "tokens": batch["tokens"]},

@@ -346,7 +346,7 @@ class ExperimentConfig:
     prompt: PromptSettings
     model: ModelSettings
     lora: Any  # moraljax.llm.lora.LoraConfig
-    ppo: Any  # moraljax.rl.ppo.PPOConfig
+    ppo: Any  # moraljax.rl.ppo_settings.PPOConfig
     run: RunSettings
     mesh: MeshSettings
     conditions: tuple[Condition, ...] = ()
@@ -396,7 +396,7 @@ def experiment_from_config_dict(config: ml_collections.ConfigDict | dict) -> Exp
         ValueError: naming the first field that is missing, unknown or wrong.
     """
     from moraljax.llm import lora as lora_lib  # Heavy imports kept local.
-    from moraljax.rl import ppo
+    from moraljax.rl import ppo_settings
 
     values = to_plain(config)
     sections = {
@@ -406,7 +406,7 @@ def experiment_from_config_dict(config: ml_collections.ConfigDict | dict) -> Exp
         "prompt": PromptSettings,
         "model": ModelSettings,
         "lora": lora_lib.LoraConfig,
-        "ppo": ppo.PPOConfig,
+        "ppo": ppo_settings.PPOConfig,
         "run": RunSettings,
         "mesh": MeshSettings,
         "population": PopulationSettings,
@@ -510,7 +510,7 @@ def experiment_config(
         A ConfigDict whose fields mirror `ExperimentConfig`.
     """
     from moraljax.llm import lora as lora_lib
-    from moraljax.rl import ppo
+    from moraljax.rl import ppo_settings
 
     variant = parse_variant(
         arg,
@@ -527,7 +527,7 @@ def experiment_config(
     config.model = dataclasses.asdict(ModelSettings())
     config.lora = dataclasses.asdict(lora_lib.LoraConfig())
     config.ppo = ml_collections.ConfigDict(
-        {f.name: getattr(ppo.PPOConfig(), f.name) for f in dataclasses.fields(ppo.PPOConfig)},
+        {f.name: getattr(ppo_settings.PPOConfig(), f.name) for f in dataclasses.fields(ppo_settings.PPOConfig)},
         type_safe=False,
     )
     config.run = dataclasses.asdict(RunSettings())

@@ -33,16 +33,68 @@ def fail(field: str, value: Any, expected: str) -> NoReturn:
     raise ValueError(f"{field}={value!r} is not allowed; expected {expected}.")
 
 
+def check_number(
+    field: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+    allow_none: bool = False,
+) -> None:
+    """Refuses anything but a number (an integer if asked) in a range.
+
+    Bools are refused (they are ints to Python, never meant as numbers), and
+    so are NaN and infinities.
+
+    Args:
+        field: the setting's name as the user writes it.
+        value: the value given.
+        low, high: the ends of the range; None leaves that side open-ended.
+        low_open, high_open: whether that end itself is excluded.
+        integer: only ints are allowed.
+        allow_none: None is allowed too (e.g. "no clipping").
+
+    Raises:
+        ValueError: naming the field, the value and the range allowed, e.g.
+            "ppo.lam=1.5 is not allowed; expected a finite number in [0, 1]."
+    """
+    if value is None and allow_none:
+        return
+    if integer:
+        is_number = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    in_range = is_number and (
+        (low is None or (value > low if low_open else value >= low))
+        and (high is None or (value < high if high_open else value <= high))
+    )
+    if not in_range:
+        fail(field, value, _number_range(low, high, low_open, high_open, integer) + (" or None" if allow_none else ""))
+
+
+def _number_range(low, high, low_open, high_open, integer) -> str:
+    """The range in words, e.g. "an integer >= 1" or "a finite number in [0, 1)"."""
+    kind = "an integer" if integer else "a finite number"
+    if low is not None and high is not None:
+        return f"{kind} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{kind} {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f"{kind} {'<' if high_open else '<='} {high}"
+    return kind
+
+
 def check_finite(field: str, value: Any) -> None:
     """Refuses non-numbers (bools included), NaN and infinities."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        fail(field, value, "a finite number")
+    check_number(field, value)
 
 
 def check_int(field: str, value: Any, minimum: int) -> None:
     """Refuses non-integers (bools included) and integers below `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        fail(field, value, f"an integer >= {minimum}")
+    check_number(field, value, low=minimum, integer=True)
 
 
 def check_positive_int(field: str, value: Any) -> None:
@@ -160,8 +212,7 @@ def settings_from_dict(cls, values: Any, *, prefix: str = "", what: str = "a set
 
 def check_positive(field: str, value: float) -> None:
     """Refuses non-numbers, NaN/inf and numbers <= 0 for `field`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        fail(field, value, "a finite number > 0")
+    check_number(field, value, low=0, low_open=True)
 
 
 def check_bool(field: str, value: Any) -> None:

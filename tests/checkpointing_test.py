@@ -17,7 +17,7 @@ from moraljax import checkpointing
 from moraljax import config_lib
 from moraljax import run_setup
 from moraljax import train
-from moraljax.rl import ppo
+from moraljax.rl import ppo_advantages
 
 
 def small_state(num_learners=2):
@@ -25,8 +25,12 @@ def small_state(num_learners=2):
     return {
         "trainable": {"value_head": {"kernel": jnp.arange(3.0 * num_learners).reshape(num_learners, 3)}},
         "opt_state": ({"mu": jnp.full((num_learners, 3), 0.5)}, {"count": jnp.arange(num_learners, dtype=jnp.int32)}),
-        "kl": ppo.KLController(beta=jnp.full((num_learners,), 0.2), target=jnp.full((num_learners,), 6.0),
-                               horizon=jnp.full((num_learners,), 1e4), adaptive=jnp.ones((num_learners,), bool)),
+        "kl": ppo_advantages.KLController(
+            beta=jnp.full((num_learners,), 0.2),
+            target=jnp.full((num_learners,), 6.0),
+            horizon=jnp.full((num_learners,), 1e4),
+            adaptive=jnp.ones((num_learners,), bool),
+        ),
         "key": jax.vmap(jax.random.PRNGKey)(jnp.arange(num_learners)),
     }
 

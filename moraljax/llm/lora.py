@@ -39,6 +39,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from moraljax import validation
+
 # Every linear layer of a decoder layer, in PEFT's short names. The
 # position in this tuple is also the id folded into a layer's dropout key.
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -67,10 +69,6 @@ VALUE_KERNEL_NAME = "kernel"
 VALUE_BIAS_NAME = "bias"
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """Which linear layers get adapters, and how large they are.
@@ -90,21 +88,12 @@ class LoraConfig:
     targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self):
-        if not _is_number(self.rank) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}.")
-        if not _is_number(self.alpha) or not self.alpha > 0:
-            raise ValueError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}.")
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be a number in [0, 1), got {self.dropout!r}.")
-        if not isinstance(self.targets, tuple) or not self.targets:
-            raise ValueError(
-                    f"LoraConfig.targets must be a non-empty tuple of names from {LORA_TARGETS}, got {self.targets!r}."
-            )
-        unknown = [t for t in self.targets if t not in LORA_TARGETS]
-        if unknown:
-            raise ValueError(f"LoraConfig.targets has unknown names {unknown}; allowed: {LORA_TARGETS}.")
-        if len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"LoraConfig.targets has duplicates: {self.targets!r}.")
+        validation.check_number("lora.rank", self.rank, low=1, integer=True)
+        validation.check_positive("lora.alpha", self.alpha)
+        validation.check_number("lora.dropout", self.dropout, low=0, high=1, high_open=True)
+        if not isinstance(self.targets, tuple):  # A frozen config holds tuples (configs give lists as tuples).
+            validation.fail("lora.targets", self.targets, "a tuple of names from " + ", ".join(LORA_TARGETS))
+        validation.check_names("lora.targets", self.targets, LORA_TARGETS, empty_ok=False)
 
     @property
     def scale(self) -> float:
@@ -387,8 +376,7 @@ class ValueHead(nnx.Module):
         Raises:
             ValueError: if ``dropout_rate`` is outside [0, 1).
         """
-        if not _is_number(dropout_rate) or not 0.0 <= dropout_rate < 1.0:
-            raise ValueError(f"value head dropout_rate must be a number in [0, 1), got {dropout_rate!r}.")
+        validation.check_number("model.value_head_dropout", dropout_rate, low=0, high=1, high_open=True)
         self.dropout_rate = float(dropout_rate)
         self.kernel = ValueHeadParam(jnp.zeros((hidden_size, 1), jnp.float32))
         self.bias = ValueHeadParam(jnp.zeros((1,), jnp.float32))
