@@ -13,7 +13,7 @@ selection step for every member (the selector):
 
 The prompt table holds one row per (ordered candidates, their last moves):
 row = candidate_index * 3^k + move_index, where candidate_index reads the k
-member numbers as digits in base P and move_index the k move codes (0 no
+member numbers as digits in base `size` and move_index the k move codes (0 no
 legal move yet, 1 the C string, 2 the D string) in base 3. Rows with a
 repeated member are rendered but never shown.
 
@@ -21,7 +21,8 @@ A member's last move is its parsed answer in the last decision of its last
 episode (chunk_lib.LearnerState.last_move): C, D, or none (illegal, or before
 its first episode).
 
-Axis legend: G populations, P members per population, k candidates.
+Axis letters (docs/ARCHITECTURE.md): populations and their members are written
+out (`size` members per population); k candidates shown to each selector.
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def draw_candidates(key: jax.Array, member: jax.Array, size: int, num_candidates
     Args:
         key: one PRNG key.
         member: int32, the selector's local number.
-        size: static P.
-        num_candidates: static k <= P - 1.
+        size: static, members per population.
+        num_candidates: static k <= size - 1.
 
     Returns:
         int32 [k].
@@ -106,12 +107,12 @@ def resolve_pairs(order: jax.Array, choice: jax.Array) -> tuple[jax.Array, jax.A
     earlier one as player 0.
 
     Args:
-        order: int32 [P] a permutation of the local member numbers.
-        choice: int32 [P] each member's legal choice (local number), -1 if illegal.
+        order: int32 [size] a permutation of the local member numbers.
+        choice: int32 [size] each member's legal choice (local number), -1 if illegal.
 
     Returns:
-        (partner int32 [P] local numbers, player int32 [P] 0/1, honoured
-        bool [P]: the member plays the partner it chose).
+        (partner int32 [size] local numbers, player int32 [size] 0/1, honoured
+        bool [size]: the member plays the partner it chose).
     """
     size = order.shape[0]
 
@@ -129,7 +130,7 @@ def resolve_pairs(order: jax.Array, choice: jax.Array) -> tuple[jax.Array, jax.A
     empty = jnp.full((size,), -1, jnp.int32)
     partner, player = jax.lax.fori_loop(0, size, turn, (empty, jnp.zeros((size,), jnp.int32)))
     paired = partner >= 0
-    # The unpaired, in turn order, come first (their number is even: P is even).
+    # The unpaired, in turn order, come first (their number is even: the size is even).
     rest = order[jnp.argsort(paired[order], stable=True)]
     slots = jnp.arange(size)
     rest_partner = jnp.zeros_like(partner).at[rest].set(rest[slots ^ 1])

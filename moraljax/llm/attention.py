@@ -86,12 +86,12 @@ def rotary_tables(
     """The ``Rotary`` tables of int [B, T] positions for heads of size ``head_dim``.
 
     Computed once per forward pass and kept in memory: every layer and head
-    uses the same angles (see ``lora.materialize`` for why this needs doing
+    uses the same angles (see ``lora.compute_once`` for why this needs doing
     on CPU).
     """
     inv_freq = inverse_frequencies(head_dim, theta, scaling)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    cos, sin = lora_lib.materialize(jnp.cos(angles)), lora_lib.materialize(jnp.sin(angles))
+    cos, sin = lora_lib.compute_once(jnp.cos(angles)), lora_lib.compute_once(jnp.sin(angles))
     return Rotary(cos=cos[:, :, None, :], sin=sin[:, :, None, :])
 
 

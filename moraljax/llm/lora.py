@@ -101,11 +101,11 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
-# Rows of the identity product in ``materialize``.
-_MATERIALIZE_WIDTH = 16
+# Rows of the identity product in ``compute_once``.
+_COMPUTE_ONCE_WIDTH = 16
 
 
-def materialize(x: jax.Array) -> jax.Array:
+def compute_once(x: jax.Array) -> jax.Array:
     """``x`` itself, computed once and then read from memory by all its users.
 
     XLA:CPU fuses cheap-looking elementwise producers (cos/sin, a cipher's
@@ -122,10 +122,10 @@ def materialize(x: jax.Array) -> jax.Array:
     Returns:
         ``x``, bit for bit.
     """
-    if x.size % _MATERIALIZE_WIDTH:
+    if x.size % _COMPUTE_ONCE_WIDTH:
         return x
-    identity = jnp.eye(_MATERIALIZE_WIDTH, dtype=x.dtype)
-    rows = x.reshape(-1, _MATERIALIZE_WIDTH)
+    identity = jnp.eye(_COMPUTE_ONCE_WIDTH, dtype=x.dtype)
+    rows = x.reshape(-1, _COMPUTE_ONCE_WIDTH)
     return jnp.matmul(rows, identity, precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
 
 
@@ -239,8 +239,8 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, *, suffix_of: int 
         return x
     keep = bernoulli(key, 1.0 - rate, x.shape, suffix_of=suffix_of)
     # The mask is read again by the backward pass: keep it rather than
-    # have XLA re-run the 20 cipher rounds there (see ``materialize``).
-    keep = materialize(keep.astype(jnp.float32)) > 0
+    # have XLA re-run the 20 cipher rounds there (see ``compute_once``).
+    keep = compute_once(keep.astype(jnp.float32)) > 0
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 

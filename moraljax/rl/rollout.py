@@ -11,8 +11,8 @@ opponent. Decision t of learner n:
     -> the opponent moves -> every reward type and both regrets
     -> next state (M's move only if legal, O's always for fixed opponents)
 
-Populations (issue 13): with `population_size` P, the N learners are N / P
-populations of P members each (contiguous on the learner axis); every
+Populations (issue 13): with `population_size` members per population, the N
+learners are N / population_size populations (contiguous on the learner axis); every
 episode each population is split into pairs by a random perfect matching
 drawn in jit (`population_pairing`), and the two members of a pair play
 exactly as an LLM-vs-LLM pair does, one of them as player 0 and the other as
@@ -260,15 +260,15 @@ _MATCHING_STREAM = 0x6D617463  # "matc"
 def population_pairing(keys: jax.Array, population_size: int) -> tuple[jax.Array, jax.Array]:
     """A fresh random perfect matching inside each population.
 
-    Population g holds learners [g * P, (g + 1) * P). Its matching is drawn
+    Population g holds learners [g * size, (g + 1) * size), size = population_size. Its matching is drawn
     from its first member's episode key (folded with a constant, so no other
     stream moves): a uniform permutation `order` of its members, paired as
     (order[0], order[1]), (order[2], order[3]), ...; the first of each pair
     is player 0 (M), the second player 1.
 
     Args:
-        keys: [N] PRNG keys of this episode, N a multiple of P.
-        population_size: static P, even.
+        keys: [N] PRNG keys of this episode, N a multiple of population_size.
+        population_size: static, even: members per population.
 
     Returns:
         (partner int32 [N] global learner index, player int32 [N] 0/1).
@@ -277,7 +277,7 @@ def population_pairing(keys: jax.Array, population_size: int) -> tuple[jax.Array
     num_populations = num_learners // population_size
     first_keys = keys.reshape((num_populations, population_size) + keys.shape[1:])[:, 0]
     match_keys = jax.vmap(lambda k: jax.random.fold_in(k, _MATCHING_STREAM))(first_keys)
-    order = jax.vmap(lambda k: jax.random.permutation(k, population_size))(match_keys)  # [G, P]
+    order = jax.vmap(lambda k: jax.random.permutation(k, population_size))(match_keys)  # [populations, members]
     # Slot j of `order` is paired with slot j ^ 1 and plays side j % 2.
     slots = jnp.arange(population_size)
     partner_of_slot = order[:, slots ^ 1]
@@ -311,7 +311,7 @@ def _select_partners(
     Args:
         keys: [N] PRNG keys of this episode.
         last_move: int32 [N] each learner's last parsed move.
-        population_size: static P.
+        population_size: static, members per population.
         members: static; learners [0, members) are population members.
         num_candidates: static k.
 
@@ -505,9 +505,9 @@ def rollout_episode(
         keys: [N] PRNG keys of this episode.
         batch_size: static B.
         settings: static sampling settings.
-        population_size: static P; 0 = no populations (partners and sides
+        population_size: static members per population; 0 = no populations (partners and sides
             from `setup`), else every learner is a member of a population of
-            P, paired anew each episode (`population_pairing`).
+            that size, paired anew each episode (`population_pairing`).
         population_members: static; the first this many learners are the
             populations' members (0: all); any after them are inert padding
             (sharding.padded_count) that plays its fixed opponent alone.
