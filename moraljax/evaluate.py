@@ -78,6 +78,37 @@ def _read_config(workdir: pathlib.Path) -> config_lib.ExperimentConfig:
                          " writes there.") from None
 
 
+def _restore_learners(cfg: config_lib.ExperimentConfig, checkpointer, step: int,
+                      devices: Sequence[jax.Device] | None) -> tuple[Any, Any, Any, list[dict[str, Any]], Any]:
+    """The run's base model and its learners at `step`, restored straight into their abstract template.
+
+    The run's mesh is replaced by one device (or `mesh.model` devices when
+    the base is sharded over a model axis).
+
+    Returns:
+        (graphdef, frozen state, tokenizer, learner info, LearnerState [N]).
+    """
+    from moraljax import chunk as chunk_lib
+    from moraljax import run_setup
+    from moraljax import sharding as sharding_lib
+    from moraljax.llm import policy as policy_lib
+
+    _, learner_info = run_setup.learner_plan(cfg)
+    count = len(learner_info)
+    model_axis = cfg.mesh.model
+    mesh = sharding_lib.make_mesh(config_lib.MeshSettings(data=-1, model=model_axis),
+                                  devices or jax.devices()[:model_axis], count)
+    policy, tokenizer, _ = run_setup.load_model(cfg, mesh)
+    graphdef, trainable, frozen = policy_lib.split_policy(policy)
+    # An axis that does not split evenly over the data devices is replicated (as in training).
+    sharding = (sharding_lib.learner_sharding(mesh) if sharding_lib.padded_count(count, mesh) == count
+                else sharding_lib.replicated(mesh))
+    template = chunk_lib.learner_template(jax.eval_shape(lambda: trainable), count, cfg.ppo, sharding,
+                                          selecting=cfg.population.selecting())
+    learners, _ = checkpointer.restore(step, template)
+    return graphdef, frozen, tokenizer, learner_info, learners
+
+
 def evaluate_workdir(
     workdir: str | pathlib.Path,
     settings: protocol.EvalSettings = protocol.EvalSettings(),
@@ -111,26 +142,12 @@ def evaluate_workdir(
             only checkpoints of an unfinished run; before the model is
             loaded.
     """
-    from moraljax import chunk as chunk_lib
-    from moraljax import run_setup
-    from moraljax import sharding as sharding_lib
-    from moraljax.llm import policy as policy_lib
-
     workdir = pathlib.Path(workdir)
     cfg = _read_config(workdir)
     checkpointer, step = _finished_step(workdir, cfg)
     say = print if progress else (lambda *_: None)
-    model_axis = cfg.mesh.model
-    _, learner_info = run_setup.learner_plan(cfg)
-    mesh = sharding_lib.make_mesh(config_lib.MeshSettings(data=-1, model=model_axis),
-                                  devices or jax.devices()[:model_axis], len(learner_info))
     try:
-        policy, tokenizer, _ = run_setup.load_model(cfg, mesh)
-        graphdef, trainable_state, frozen = policy_lib.split_policy(policy)
-        template = chunk_lib.learner_template(jax.eval_shape(lambda: trainable_state), len(learner_info), cfg.ppo,
-                                              sharding_lib.learner_sharding(mesh),
-                                              selecting=cfg.population.selecting())
-        learners, _ = checkpointer.restore(step, template)
+        graphdef, frozen, tokenizer, learner_info, learners = _restore_learners(cfg, checkpointer, step, devices)
     finally:
         checkpointer.close()
     agents = [info for info in learner_info if info["player"] == 0]

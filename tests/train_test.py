@@ -133,6 +133,20 @@ def test_resumed_run_equals_uninterrupted(tmp_path, dropout):
     jax.tree.map(np.testing.assert_array_equal, *states)
 
 
+def test_resume_with_inert_padding_equals_uninterrupted(tmp_path):
+    # Three seeds on two devices: one inert learner pads the axis. A resumed
+    # run restores the three real learners into their abstract template and
+    # puts fresh padding after them; its outputs equal an uninterrupted run's.
+    cfg = experiment(tiny_config(seeds=(1, 2, 3), num_episodes=4, episodes_per_chunk=2, checkpoint_every=2))
+    devices = jax.devices()[:2]
+    train.train(cfg, tmp_path / "straight", progress=False, devices=devices)
+    assert train.train(cfg, tmp_path / "resumed", progress=False, stop_after=2, devices=devices) is None
+    train.train(cfg, tmp_path / "resumed", progress=False, devices=devices)
+    assert (tmp_path / "straight" / "metrics.csv").read_text() == (tmp_path / "resumed" / "metrics.csv").read_text()
+    run = run_setup.build_run(cfg, devices=devices)
+    assert run.num_padding == 1 and run.learner_template().episode.shape == (3,)
+
+
 def _update_program(run, settings):
     """The jitted PPO update of every learner on one episode's decisions."""
 

@@ -227,7 +227,7 @@ def current_reward(setup: LearnerSetup, episode: jax.Array) -> rewards.RewardSpe
     )
 
 
-def sample_one(
+def _sample_one(
     graphdef: nnx.GraphDef,
     frozen: nnx.State,
     trainable: nnx.State,
@@ -331,7 +331,7 @@ def _select_partners(
     shown = jnp.minimum(candidates + base[:, None], num_learners - 1)
     shown_moves = last_move[shown]
     row = env.selection_first_row + selection_lib.selection_row(candidates, shown_moves, size)
-    sample = jax.vmap(sample_one, in_axes=(None, None, 0, 0, 0, 0, 0, None))(
+    sample = jax.vmap(_sample_one, in_axes=(None, None, 0, 0, 0, 0, 0, None))(
         graphdef, frozen, trainable, env.prompts.ids[row], env.prompts.mask[row], key_sample,
         key_dropout if settings.dropout else None, settings)
     named = action_matcher.match_actions(env.selection_matcher, sample.tokens)  # local number or -1
@@ -443,7 +443,7 @@ def _learner_decision(
 
     def sample(index):
         row = row_offset + index
-        return jax.vmap(sample_one, in_axes=(None, None, 0, 0, 0, 0, 0, None))(
+        return jax.vmap(_sample_one, in_axes=(None, None, 0, 0, 0, 0, 0, None))(
             graphdef, frozen, trainable, env.prompts.ids[row], env.prompts.mask[row], key_sample, key_dropout,
             settings)
 
