@@ -60,14 +60,19 @@ def _config_argument(argv: list[str]) -> str | None:
     return None
 
 
+def config_from_file(config_arg: str) -> ml_collections.ConfigDict:
+    """The ConfigDict that 'file.py[:variant]' builds, as `--config=file.py[:variant]` reads it."""
+    path, _, variant = config_arg.partition(":")
+    spec = importlib.util.spec_from_file_location("moraljax_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
 def _load_config(config_arg: str) -> ml_collections.ConfigDict | None:
     """The ConfigDict of 'file.py[:variant]', or None if the file fails to build it."""
-    path, _, variant = config_arg.partition(":")
-    spec = importlib.util.spec_from_file_location("moraljax_config_probe", path)
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
-        return module.get_config(variant) if variant else module.get_config()
+        return config_from_file(config_arg)
     except Exception:  # The file's own error is reported instead.
         return None
 

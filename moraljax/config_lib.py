@@ -227,13 +227,9 @@ def check_sampling(prefix: str, temperature: Any, top_k: Any, top_p: Any) -> Non
         top_k: an integer >= 0 (0 = off).
         top_p: a number in (0, 1] (1 = off).
     """
-    validation.check_finite(prefix + "temperature", temperature)
-    if temperature <= 0:
-        validation.fail(prefix + "temperature", temperature, "a number > 0")
+    validation.check_positive(prefix + "temperature", temperature)
     validation.check_int(prefix + "top_k", top_k, 0)
-    validation.check_finite(prefix + "top_p", top_p)
-    if not 0 < top_p <= 1:
-        validation.fail(prefix + "top_p", top_p, "a number in (0, 1] (1 = off)")
+    validation.check_number(prefix + "top_p", top_p, low=0, high=1, low_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,9 +267,7 @@ class ModelSettings:
         validation.check_choice("model.remat", self.remat, decoder_config.REMAT_CHOICES)
         check_sampling("model.", self.temperature, self.top_k, self.top_p)
         validation.check_int("model.gen_len", self.gen_len, 0)
-        validation.check_finite("model.value_head_dropout", self.value_head_dropout)
-        if not 0 <= self.value_head_dropout < 1:
-            validation.fail("model.value_head_dropout", self.value_head_dropout, "a number in [0, 1)")
+        validation.check_number("model.value_head_dropout", self.value_head_dropout, low=0, high=1, high_open=True)
 
 
 @dataclasses.dataclass(frozen=True)

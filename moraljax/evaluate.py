@@ -88,7 +88,6 @@ def _restore_learners(cfg: config_lib.ExperimentConfig, checkpointer, step: int,
     Returns:
         (graphdef, frozen state, tokenizer, learner info, LearnerState [N]).
     """
-    from moraljax import chunk as chunk_lib
     from moraljax import run_setup
     from moraljax import sharding as sharding_lib
     from moraljax.llm import policy as policy_lib
@@ -100,11 +99,7 @@ def _restore_learners(cfg: config_lib.ExperimentConfig, checkpointer, step: int,
                                   devices or jax.devices()[:model_axis], count)
     policy, tokenizer, _ = run_setup.load_model(cfg, mesh)
     graphdef, trainable, frozen = policy_lib.split_policy(policy)
-    # An axis that does not split evenly over the data devices is replicated (as in training).
-    sharding = (sharding_lib.learner_sharding(mesh) if sharding_lib.padded_count(count, mesh) == count
-                else sharding_lib.replicated(mesh))
-    template = chunk_lib.learner_template(jax.eval_shape(lambda: trainable), count, cfg.ppo, sharding,
-                                          selecting=cfg.population.selecting())
+    template = run_setup.learner_template(cfg, jax.eval_shape(lambda: trainable), count, mesh)
     learners, _ = checkpointer.restore(step, template)
     return graphdef, frozen, tokenizer, learner_info, learners
 

@@ -100,14 +100,9 @@ class Run:
         real = [(info["seed"], info.get("member", info["player"])) for info in self.learner_info]
         return real + [(0, 0)] * self.num_padding
 
-    def _real_sharding(self) -> jax.sharding.Sharding:
-        """Where the real learners live apart from the padding: an uneven slice is replicated."""
-        return sharding_lib.replicated(self.mesh) if self.num_padding else sharding_lib.learner_sharding(self.mesh)
-
     def learner_template(self) -> chunk_lib.LearnerState:
         """The abstract state of the real learners, with shardings: what a checkpoint restores into."""
-        return chunk_lib.learner_template(self.trainable_template, self.num_real, self.cfg.ppo,
-                                          self._real_sharding(), selecting=self.cfg.population.selecting())
+        return learner_template(self.cfg, self.trainable_template, self.num_real, self.mesh)
 
     def _init(self, seed_players: list[tuple[int, int]], sharding) -> chunk_lib.LearnerState:
         return chunk_lib.init_learners(self.trainable_template, seed_players, self.cfg.ppo, sharding,
@@ -135,7 +130,7 @@ class Run:
             return self.learners
         if "real" not in self._compiled:  # Built once: a new jit per call would compile per checkpoint.
             self._compiled["real"] = jax.jit(lambda tree: jax.tree.map(lambda x: x[:self.num_real], tree),
-                                             out_shardings=self._real_sharding())
+                                             out_shardings=sharding_lib.learners_sharding(self.num_real, self.mesh))
         return self._compiled["real"](self.learners)
 
     def plan(self) -> str:
@@ -256,6 +251,13 @@ def _with_selection_prompts(env: rollout.Environment, cfg: config_lib.Experiment
     mask = jnp.concatenate([left_pad(env.prompts.mask, 0), left_pad(table.mask, 0)])
     return env.replace(prompts=prompt_tables.PromptTable(ids=ids, mask=mask), selection_matcher=matcher,
                        selection_first_row=game_rows)
+
+
+def learner_template(cfg: config_lib.ExperimentConfig, trainable_template: Any, count: int,
+                     mesh: jax.sharding.Mesh) -> chunk_lib.LearnerState:
+    """The abstract state of `count` learners of `cfg` on `mesh` (`sharding.learners_sharding`)."""
+    return chunk_lib.learner_template(trainable_template, count, cfg.ppo, sharding_lib.learners_sharding(count, mesh),
+                                      selecting=cfg.population.selecting())
 
 
 def learner_plan(cfg: config_lib.ExperimentConfig, conditions: list[config_lib.Condition] | None = None

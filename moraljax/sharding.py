@@ -129,6 +129,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def learners_sharding(num_learners: int, mesh: Mesh) -> NamedSharding:
+    """Where `num_learners` learners live on their own: over `data` when they split evenly, else replicated.
+
+    (A run pads its axis with inert learners to split evenly; the real ones
+    alone, as checkpoints hold them, are an uneven slice.)
+    """
+    return learner_sharding(mesh) if padded_count(num_learners, mesh) == num_learners else replicated(mesh)
+
+
 def chunk_output_sharding(mesh: Mesh) -> NamedSharding:
     """Records [K, N, ...]: the learner axis (second) over `data`."""
     return NamedSharding(mesh, PartitionSpec(None, DATA))

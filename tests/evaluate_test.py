@@ -10,7 +10,6 @@ path runs on the built-in tiny model with two learners.
 import csv
 import dataclasses
 import functools
-import importlib.util
 import json
 import pathlib
 
@@ -21,6 +20,7 @@ import pytest
 
 from moraljax import action_matcher
 from moraljax import checkpointing
+from moraljax import cli
 from moraljax import config_lib
 from moraljax import config_record
 from moraljax import evaluate
@@ -207,10 +207,7 @@ def test_bad_settings_are_refused(field, value, message):
 
 
 def test_config_file_gives_the_default_settings():
-    spec = importlib.util.spec_from_file_location("eval_config", pathlib.Path(__file__).parents[1] / "configs/eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    values = module.get_config("runs/ipd_util").to_dict()
+    values = cli.config_from_file(f"{pathlib.Path(__file__).parents[1] / 'configs/eval.py'}:runs/ipd_util").to_dict()
     assert values.pop("workdir") == "runs/ipd_util" and values.pop("out_dir") == ""
     assert protocol.settings_from_dict(values) == protocol.EvalSettings()
     with pytest.raises(ValueError, match="episode=3 is not allowed; expected an evaluation setting: actions, "):

@@ -1,12 +1,12 @@
 """The paper's run matrix (configs/paper.py, moraljax/paper.py): config, findings, end to end."""
 
-import importlib.util
 import json
 import pathlib
 
 import numpy as np
 import pytest
 
+from moraljax import cli
 from moraljax import games
 from moraljax import paper
 
@@ -14,10 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def paper_config(arg=None):
-    spec = importlib.util.spec_from_file_location("paper_config", ROOT / "configs" / "paper.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return cli.config_from_file(f"{ROOT / 'configs' / 'paper.py'}" + (f":{arg}" if arg else ""))
 
 
 def test_config_holds_the_papers_run_matrix_in_two_programs():

@@ -1,7 +1,6 @@
 """Populations of morally diverse learners (issue 13): matching, learning, sharding, resume, outputs."""
 
 import csv
-import importlib.util
 import json
 import pathlib
 
@@ -9,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from moraljax import cli
 from moraljax import config_lib
 from moraljax import population_report
 from moraljax import run_setup
@@ -20,10 +20,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def population_config(composition, **run):
-    spec = importlib.util.spec_from_file_location("population_config", CONFIGS / "population.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("population=small")
+    config = cli.config_from_file(f"{CONFIGS / 'population.py'}:population=small")
     config.population.composition = composition
     config.run.seeds = run.pop("seeds", (1,))
     for key, value in run.items():

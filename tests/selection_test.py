@@ -1,12 +1,12 @@
 """Partner selection in populations (issue 13; docs/POPULATIONS.md): prompts, pairing rule, learning."""
 
-import importlib.util
 import pathlib
 
 import jax
 import numpy as np
 import pytest
 
+from moraljax import cli
 from moraljax import config_lib
 from moraljax import population_report
 from moraljax import prompts
@@ -18,10 +18,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def selection_config(composition, **population):
-    spec = importlib.util.spec_from_file_location("population_config", CONFIGS / "population.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("matching=selection")
+    config = cli.config_from_file(f"{CONFIGS / 'population.py'}:matching=selection")
     config.population.composition = composition
     for key, value in population.items():
         config.population[key] = value

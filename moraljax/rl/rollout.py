@@ -423,12 +423,17 @@ def _learner_decision(
     env: Environment,
     setup: LearnerSetup,
     pairs: Pairs,
+    game: games.MatrixGame,
     spec: rewards.RewardSpec,
     settings: SamplingSettings,
     state: games.GameState,
     keys: jax.Array,
 ) -> tuple[games.GameState, Decisions]:
-    """Decision t of every learner (`decision.decision_step` with training's draws): [N] records."""
+    """Decision t of every learner (`decision.decision_step` with training's draws): [N] records.
+
+    `game` [N] is each learner's own-side game and `spec` [N] its reward in
+    force, both fixed for the episode.
+    """
     num_prompts = (env.selection_first_row or env.prompts.ids.shape[0]) // 2
     split = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
     key_option, key_answer, key_sample, key_opponent = jnp.moveaxis(split, 1, 0)
@@ -456,7 +461,7 @@ def _learner_decision(
 
     answer = lambda state: decision_lib.answer_prompts(state, first_option, first_answer, sample, env.matcher)
     next_state, outcome = decision_lib.decision_step(
-        state, answer, opponent, game=jax.tree.map(lambda x: x[pairs.player], env.game),
+        state, answer, opponent, game=game,
         named_specs=setup.named_specs, reward_spec=spec)
     answers = outcome.answers
     record = Decisions(
@@ -529,7 +534,8 @@ def rollout_episode(
     spec = jax.vmap(current_reward)(setup, episode)
     step_keys = jax.vmap(lambda k: jax.random.split(k, batch_size))(key_steps)
     step_keys = jnp.moveaxis(step_keys, 1, 0)  # [B, N, ...]
-    decide = functools.partial(_learner_decision, graphdef, frozen, trainable, env, setup, pairs, spec, settings)
+    game = jax.tree.map(lambda x: x[pairs.player], env.game)  # [N] own-side games
+    decide = functools.partial(_learner_decision, graphdef, frozen, trainable, env, setup, pairs, game, spec, settings)
     _, records = jax.lax.scan(decide, state, step_keys)
     records = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), records)  # [B, N] -> [N, B]
     if settings.dropout:
